@@ -1,0 +1,3 @@
+"""histodiffusion: synthetic augmentation for computational pathology with latent diffusion."""
+
+__version__ = "0.1.0"

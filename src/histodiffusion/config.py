@@ -1,0 +1,333 @@
+"""Experiment configs: one YAML file per experiment, validated into typed objects on load.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key path
+and what was expected. Model-size presets come from :mod:`histodiffusion.presets` and sit *under*
+the file's own values: whatever the file (or ``--set``) says wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from histodiffusion.errors import ConfigError
+from histodiffusion.presets import PRESETS
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------- data
+class TileCfg(_Section):
+    """Cut images larger than ``size`` into tiles (large fields, whole slides)."""
+
+    size: Annotated[int, Field(ge=16, le=4096)] = 224
+    """Tile edge in pixels at the source resolution."""
+    stride: Annotated[int, Field(ge=1)] | None = None
+    """Step between tiles in pixels; defaults to ``size`` (no overlap)."""
+    min_tissue: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """Keep a tile when at least this fraction of it is tissue (Otsu threshold on saturation)."""
+
+
+class SourceCfg(_Section):
+    """One image source: a named dataset under the data root, or a path."""
+
+    dataset: str | None = None
+    """Named dataset under the data root (pcam, ebhi, lc25000, nct_crc_he, kather2016, unlabeled_he, pathmnist)."""
+    path: str | None = None
+    """An ImageFolder folder, a CSV manifest (path,label[,group][,split]) or a PathMNIST-format .npz."""
+    format: Literal["auto", "imagefolder", "csv", "pathmnist"] = "auto"
+    """How to read ``path``; ``auto`` decides from the file or folder."""
+    splits: list[str] | None = None
+    """Use only these splits of the source (for example [train]); all when omitted."""
+    weight: Annotated[float, Field(gt=0.0)] = 1.0
+    """Relative sampling weight of this source in the pre-training pool."""
+    tile: TileCfg | None = None
+    """Cut images larger than the tile size into tiles first (needed for large fields)."""
+    max_images: Annotated[int, Field(ge=1)] | None = None
+    """Use at most this many images of the source (seeded sample), for quick runs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"dataset": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SourceCfg:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of 'dataset' (a named dataset) or 'path'")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Short name for tables and file names."""
+        return self.dataset or Path(self.path).stem  # type: ignore[arg-type]
+
+
+Budget = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+def budget_name(budget: int | float) -> str:
+    """Folder-safe name of a label budget: 0.01 -> '1pct', 20 -> '20perclass'."""
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return f"{budget}perclass"
+    pct = budget * 100
+    text = f"{pct:.4f}".rstrip("0").rstrip(".").replace(".", "p")
+    return f"{text}pct"
+
+
+class TargetCfg(SourceCfg):
+    """The target dataset: the small labeled subset, its valid and test splits."""
+
+    split_by: Literal["auto", "own", "group", "stratified"] = "auto"
+    """``own``: the dataset's train/valid/test folders; ``group``: by case id; ``stratified``: by
+    file. ``auto`` picks own, else group when groups exist, else stratified."""
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """Train/valid/test fractions when the dataset has no split of its own."""
+    split_seed: int = 0
+    """Seed of the train/valid/test split (fixed per task; independent of ``seed``)."""
+    budgets: Annotated[list[Budget], Field(min_length=1)] = [0.05]
+    """Label budgets: a fraction of the train split (0.01 = 1%) or a count per class (20)."""
+    classes: list[str] | None = None
+    """Use only these classes, in this order (default: all, sorted)."""
+    max_per_class: Annotated[int, Field(ge=1)] | None = None
+    """Cap train, valid and test at this many images per class (seeded), for quick runs."""
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError("three positive fractions (train, valid, test) that sum to 1")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        names = [budget_name(b) for b in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"budgets must be distinct, got {names}")
+        return v
+
+
+class DataCfg(_Section):
+    """Where the images come from and how they are prepared."""
+
+    root: str | None = None
+    """Data root holding the named datasets (else --data-root, HISTODIFFUSION_DATA, or the cache dir)."""
+    resolution: Annotated[int, Field(ge=8, le=2048)] = 64
+    """Edge of the square tiles every stage works at, in pixels (tiles are centre-cropped and resized)."""
+    target: TargetCfg
+    pool: Annotated[list[SourceCfg], Field(min_length=1)]
+    """Unlabeled pre-training sources (labels ignored); must not contain target files."""
+    pool_max: Annotated[int, Field(ge=1)] | None = None
+    """Use at most this many pool tiles (weighted, seeded sample), for quick runs."""
+    max_bad_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    """Fail when more than this fraction of a split's files cannot be read."""
+    cache_shard_size: Annotated[int, Field(ge=16)] = 4096
+    """Tiles per memory-mapped cache shard."""
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    """Processes decoding images while the tile cache is built (0: in the main process)."""
+
+
+# --------------------------------------------------------------------------------------- root
+class ExperimentConfig(_Section):
+    """A whole experiment: data, models and every stage's settings."""
+
+    experiment: str
+    """Name of the experiment; the run directory defaults to runs/<experiment>."""
+    preset: Literal["tiny", "cpu", "paper"] = "cpu"
+    """Model-size preset (tiny: tests, cpu: a 2-core machine, paper: the paper's sizes)."""
+    seed: int = 0
+    """Seed of everything stochastic except the target's split (data.target.split_seed)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where single-process stages run; multi-GPU runs go through ``accelerate launch``."""
+    run_dir: str | None = None
+    """Run directory; default runs/<experiment> below the current folder."""
+    data: DataCfg
+
+    @field_validator("experiment")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("letters, digits, '.', '_' and '-' only (it names a folder)")
+        return v
+
+    def to_dict(self) -> dict:
+        """Plain dict of the resolved config (what is written to the run directory)."""
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (dotted paths), leaving out settings that do not change
+        results (where the data lives, worker counts, device)."""
+        full = self.to_dict()
+        for dotted in _NON_SEMANTIC:
+            parent, _, leaf = dotted.rpartition(".")
+            node = _get_path(full, parent) if parent else full
+            node.pop(leaf, None)
+        part = {s: _get_path(full, s) for s in sections} if sections else full
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ loading
+_NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir")
+
+
+def _get_path(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``key.sub=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+    key, _, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({err})") from err
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of the list")
+            node = node[int(part)]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        else:
+            if not isinstance(node.get(part, {}), (dict, list)):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index of the list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The section class found by walking ``loc`` (field names and list indices) from ``model``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _find_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _find_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list, tuple, Annotated) or origin is not None:
+        for arg in typing.get_args(annotation):
+            found = _find_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    """Turn a pydantic error into lines ``source: key.path: what is wrong; what was expected``."""
+    lines = []
+    seen = set()
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("int", "float", "function-before", "function-after"))))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            msg = f"unknown key{hint} Allowed here: {', '.join(allowed)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            msg = f"{e['msg'].removeprefix('Value error, ')} (got {shown})"
+        if (path, msg) in seen:
+            continue
+        seen.add((path, msg))
+        lines.append(f"{source}: {path}: {msg}")
+    return "invalid config\n  " + "\n  ".join(lines)
+
+
+def _expand_shorthand(raw: dict) -> dict:
+    """Turn ``pool: [ebhi]`` and ``target: pcam`` into mappings so ``--set`` can reach into them."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("target"), str):
+            data["target"] = {"dataset": data["target"]}
+        if isinstance(data.get("pool"), list):
+            data["pool"] = [{"dataset": s} if isinstance(s, str) else s for s in data["pool"]]
+    return raw
+
+
+def resolve_raw(raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> dict:
+    """Apply ``--set`` overrides, then lay the preset's table under the result."""
+    raw = _expand_shorthand(copy.deepcopy(raw))
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    preset = raw.get("preset", "cpu")
+    if preset not in PRESETS:
+        raise ConfigError(
+            f"invalid config\n  {source}: preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}"
+        )
+    return _deep_merge(PRESETS[preset], raw)
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> ExperimentConfig:
+    """Validate a raw mapping (plus overrides and preset) into an :class:`ExperimentConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+    merged = resolve_raw(raw, overrides, source)
+    try:
+        return ExperimentConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, ExperimentConfig)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (expected a YAML file such as configs/smoke.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return config_from_dict(raw if raw is not None else {}, overrides, source=str(path))

@@ -1,0 +1,79 @@
+"""Progress bars with rate and ETA (rich), and one shared console for messages."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True,
+                 unit: str = "") -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **status)``; ``status`` key=values are shown after the bar."""
+    if not enabled:
+        yield lambda n=1, **status: None
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    # Outside a terminal (CI logs, nohup) redraws would flood the log: print sparse lines instead.
+    if not sys.stderr.isatty():
+        yield _LineProgress(description, total)
+        return
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, **status: object) -> None:
+            text = "  ".join(f"{k} {_fmt(v)}" for k, v in status.items())
+            progress.update(task, advance=n, status=text)
+
+        yield advance
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class _LineProgress:
+    """Plain-text progress for logs: a line at every 10% with rate and ETA."""
+
+    def __init__(self, description: str, total: int):
+        import time
+
+        self._time = time.monotonic
+        self.description, self.total, self.done = description, max(total, 1), 0
+        self.start = self._time()
+        self.next_mark = 0.1
+
+    def __call__(self, n: int = 1, **status: object) -> None:
+        self.done += n
+        frac = self.done / self.total
+        if frac + 1e-9 < self.next_mark and self.done < self.total:
+            return
+        while self.next_mark <= frac + 1e-9:
+            self.next_mark += 0.1
+        elapsed = self._time() - self.start
+        eta = elapsed / frac * (1 - frac) if frac > 0 else 0.0
+        text = "  ".join(f"{k} {_fmt(v)}" for k, v in status.items())
+        console.print(f"{self.description}: {self.done}/{self.total} ({frac:.0%}) "
+                      f"elapsed {elapsed:.0f}s eta {eta:.0f}s {text}")

@@ -1,0 +1,142 @@
+"""The run directory: the only place an experiment writes to.
+
+``runs/<experiment>/`` holds the resolved config, an environment record, and one folder per
+stage. A stage's ``DONE`` marker is written last and holds the hash of the config sections the
+stage read plus the hashes of its upstream stages, so rerunning skips finished stages and a
+changed config is detected instead of silently reusing stale results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from histodiffusion import io
+from histodiffusion.config import ExperimentConfig
+from histodiffusion.errors import UserError
+
+DONE = "DONE"
+STATE = "STATE.json"
+_PACKAGES = ("histodiffusion", "torch", "torchvision", "diffusers", "accelerate", "timm",
+             "torchmetrics", "safetensors", "numpy", "Pillow", "pydantic")
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    """``cfg.run_dir`` or ``runs/<experiment>`` under the current folder."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.experiment
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment_record(cfg: ExperimentConfig) -> dict:
+    """Versions, git commit, seed and device: what is needed to reproduce a run."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = {"requested": cfg.device}
+    try:
+        import torch
+
+        device["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            device["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        device["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # torch is a dependency; keep the record writable without it
+        pass
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+        "seed": cfg.seed,
+        "device": device,
+        "packages": versions,
+        "argv": sys.argv,
+    }
+
+
+@dataclass
+class RunDir:
+    """A run directory and its stage bookkeeping."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def stage_dir(self, key: str) -> Path:
+        """Folder of a stage, e.g. ``pretrain`` or ``finetune/1pct``."""
+        return self.root / key
+
+    def is_done(self, key: str, stage_hash: str) -> bool:
+        """True when the stage finished with the same config hash."""
+        marker = self.stage_dir(key) / DONE
+        return marker.is_file() and self.done_hash(key) == stage_hash
+
+    def done_hash(self, key: str) -> str | None:
+        """The hash in the stage's DONE marker, or None when it has not finished."""
+        marker = self.stage_dir(key) / DONE
+        if not marker.is_file():
+            return None
+        try:
+            return json.loads(marker.read_text())["hash"]
+        except (json.JSONDecodeError, KeyError):
+            return None
+
+    def begin(self, key: str, stage_hash: str, force: bool = False) -> Path:
+        """Prepare a stage folder for (re)running; refuses to mix results of two configs."""
+        folder = self.stage_dir(key)
+        if force and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state_file = folder / STATE
+        old = self.done_hash(key)
+        if old is None and state_file.is_file():
+            try:
+                old = json.loads(state_file.read_text()).get("hash")
+            except json.JSONDecodeError:
+                old = None
+        if old is not None and old != stage_hash:
+            raise UserError(
+                f"stage '{key}' in {self.root} was run with a different config (hash {old}, now "
+                f"{stage_hash}). Rerun with --force {key.split('/')[0]} to redo it (and what depends "
+                "on it), or choose another --run-dir."
+            )
+        (folder / DONE).unlink(missing_ok=True)
+        io.write_json(state_file, {"hash": stage_hash, "started": time.time()})
+        return folder
+
+    def finish(self, key: str, stage_hash: str, summary: dict | None = None) -> None:
+        """Write the DONE marker last, holding the config hash (and an optional summary)."""
+        io.write_json(self.stage_dir(key) / DONE,
+                      {"hash": stage_hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "summary": summary or {}})
+
+    def write_config(self, cfg: ExperimentConfig) -> None:
+        """Write the resolved config and append to the environment record."""
+        io.write_yaml(self.root / "config.yaml", cfg.to_dict())
+        io.write_json(self.root / "environment.json", environment_record(cfg))

@@ -1,0 +1,119 @@
+"""Config validation: every shipped config loads; bad keys and values name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from histodiffusion.config import budget_name, config_from_dict, load_config
+from histodiffusion.errors import ConfigError
+from histodiffusion.presets import PRESETS
+
+from .conftest import CONFIGS
+
+BASE = {"experiment": "t", "data": {"target": "pcam", "pool": ["ebhi"]}}
+
+
+def _raw(**data) -> dict:
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["data"].update(data)
+    return raw
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.experiment
+    assert cfg.data.resolution == cfg.data.resolution  # validated int
+
+
+def test_smoke_uses_tiny_preset() -> None:
+    assert load_config(CONFIGS / "smoke.yaml").preset == "tiny"
+
+
+def test_unknown_key_names_path_and_suggests() -> None:
+    raw = _raw(resolutoin=64)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, source="x.yaml")
+    text = str(err.value)
+    assert "x.yaml: data.resolutoin: unknown key" in text
+    assert "did you mean 'resolution'" in text
+
+
+def test_unknown_nested_key_in_list_item() -> None:
+    raw = _raw(pool=[{"dataset": "ebhi", "wieght": 2}])
+    with pytest.raises(ConfigError, match=r"data\.pool\.0\.wieght: unknown key; did you mean 'weight'"):
+        config_from_dict(raw)
+
+
+def test_wrong_type_and_range_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"data\.resolution: .*integer.*'big'"):
+        config_from_dict(_raw(resolution="big"))
+    with pytest.raises(ConfigError, match=r"data\.max_bad_fraction: .*less than or equal to 1"):
+        config_from_dict(_raw(max_bad_fraction=3))
+    with pytest.raises(ConfigError, match=r"split_fractions: three positive fractions"):
+        config_from_dict(_raw(target={"dataset": "ebhi", "split_fractions": [0.5, 0.5, 0.5]}))
+
+
+def test_missing_required_key() -> None:
+    raw = _raw()
+    del raw["data"]["pool"]
+    with pytest.raises(ConfigError, match=r"data\.pool: required key is missing"):
+        config_from_dict(raw)
+
+
+def test_source_needs_exactly_one_of_dataset_or_path() -> None:
+    with pytest.raises(ConfigError, match="exactly one of 'dataset'"):
+        config_from_dict(_raw(pool=[{"dataset": "ebhi", "path": "/x"}]))
+
+
+def test_unknown_preset() -> None:
+    raw = _raw()
+    raw["preset"] = "huge"
+    with pytest.raises(ConfigError, match="preset: unknown preset 'huge'"):
+        config_from_dict(raw)
+
+
+def test_preset_is_laid_under_the_file() -> None:
+    cfg = config_from_dict({**_raw(), "preset": "tiny"})
+    assert cfg.data.resolution == PRESETS["tiny"]["data"]["resolution"]
+    cfg = config_from_dict({**_raw(resolution=48), "preset": "tiny"})
+    assert cfg.data.resolution == 48
+
+
+def test_set_overrides_nested_and_list_items() -> None:
+    cfg = config_from_dict(_raw(pool=["ebhi", "lc25000"]),
+                           ["data.resolution=96", "data.pool.1.weight=2.5", "seed=7"])
+    assert cfg.data.resolution == 96 and cfg.seed == 7
+    assert cfg.data.pool[1].weight == 2.5
+
+
+@pytest.mark.parametrize("bad", ["data.resolution", "data.pool.9.weight=1", "data..x=1"])
+def test_bad_set_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="--set"):
+        config_from_dict(_raw(), [bad])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_hash_ignores_where_data_lives_but_not_what_it_is() -> None:
+    a = config_from_dict(_raw(root="/a"))
+    b = config_from_dict(_raw(root="/b"))
+    c = config_from_dict(_raw(root="/a", resolution=32))
+    assert a.section_hash("data") == b.section_hash("data")
+    assert a.section_hash("data") != c.section_hash("data")
+
+
+@pytest.mark.parametrize("budget,name", [(0.01, "1pct"), (0.05, "5pct"), (0.25, "25pct"),
+                                         (0.005, "0p5pct"), (20, "20perclass")])
+def test_budget_names(budget, name) -> None:
+    assert budget_name(budget) == name
