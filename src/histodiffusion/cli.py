@@ -1,0 +1,124 @@
+"""Command line: parsing only; every command is a thin call into a stage or library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.markup import escape
+
+from histodiffusion.config import ExperimentConfig, load_config
+from histodiffusion.errors import UserError
+from histodiffusion.progress import console
+
+app = typer.Typer(
+    help="Synthetic augmentation for computational pathology: pre-train a latent diffusion model on "
+    "unlabeled tiles, guide it to chosen classes, keep confident synthetic tiles, and measure the gain.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Get, tile and prepare data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file, e.g. configs/smoke.yaml.")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default runs/<experiment>).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: key.sub=value (repeatable).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
+DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="Folder holding the datasets (else HISTODIFFUSION_DATA).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo this stage even if it is done.")]
+
+
+def _load(config: Path, overrides: list[str] | None, run_dir: Path | None,
+          data_root: Path | None) -> ExperimentConfig:
+    extra = list(overrides or [])
+    if data_root is not None:
+        extra.append(f"data.root={data_root}")
+    if run_dir is not None:
+        extra.append(f"run_dir={run_dir}")
+    return load_config(config, extra)
+
+
+def _dry_run(cfg: ExperimentConfig) -> None:
+    typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+    raise typer.Exit(0)
+
+
+def _stage(name: str, config: Path, overrides: list[str] | None, run_dir: Path | None,
+           data_root: Path | None, dry_run: bool, force: bool) -> None:
+    from histodiffusion.rundir import RunDir, default_run_dir
+    from histodiffusion.stages import STAGES, run_stage
+
+    cfg = _load(config, overrides, run_dir, data_root)
+    if dry_run:
+        _dry_run(cfg)
+    assert name in STAGES, name  # a programming error, not user input
+    run_stage(name, cfg, RunDir(default_run_dir(cfg)), force=force)
+
+
+# ---------------------------------------------------------------------------------- data
+@data_app.command("prepare")
+def data_prepare(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                 dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Write the experiment's manifests (pool, labeled subsets, valid, test) and tile caches."""
+    _stage("data", config, set_, run_dir, data_root, dry_run, force)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="nct_crc_he_100k, pcam_full or pathmnist.")],
+    data_root: DataRootOpt = None,
+    size: Annotated[int, typer.Option(help="PathMNIST edge in pixels: 28, 64, 128 or 224.")] = 64,
+) -> None:
+    """Download a full public dataset into the data root (resumable, checksum-verified)."""
+    from histodiffusion.data.fetch import fetch
+    from histodiffusion.data.sources import data_root as resolve_root
+
+    path = fetch(name, resolve_root(data_root), size=size)
+    console.print(f"[green]{name} is ready at {path}[/]")
+
+
+@data_app.command("tile")
+def data_tile(
+    inputs: Annotated[list[Path], typer.Argument(help="Large images, slides, or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    size: Annotated[int, typer.Option(help="Tile edge in pixels.")] = 224,
+    stride: Annotated[int | None, typer.Option(help="Step between tiles (default: size).")] = None,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a kept tile.")] = 0.5,
+    fmt: Annotated[str, typer.Option("--format", help="imagefolder or manifest.")] = "imagefolder",
+    label: Annotated[str, typer.Option(help="Label (folder name) of the written tiles.")] = "unlabeled",
+    level: Annotated[int, typer.Option(help="Pyramid level for whole slides (openslide).")] = 0,
+) -> None:
+    """Cut large fields or whole slides into tissue tiles (Otsu threshold on saturation)."""
+    from histodiffusion.data.tiling import tile_files
+
+    if fmt not in ("imagefolder", "manifest"):
+        raise UserError(f"--format must be 'imagefolder' or 'manifest', got {fmt!r}")
+    s = tile_files(list(inputs), out, size, stride, min_tissue, fmt, label=label, level=level)
+    console.print(f"{s.n_tiles} tiles from {s.n_inputs} input(s) written to {out} "
+                  f"({s.n_rejected_background} background tiles rejected, {s.n_too_small} inputs too small, "
+                  f"{len(s.unreadable)} unreadable)")
+
+
+# -------------------------------------------------------------------------------- config
+@app.command("config")
+def show_config(config: ConfigArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
+                data_root: DataRootOpt = None) -> None:
+    """Validate a config and print it resolved (preset and overrides applied)."""
+    _dry_run(_load(config, set_, run_dir, data_root))
+
+
+def main() -> None:
+    """Console entry point: user errors print a message and exit 2, never a traceback."""
+    try:
+        app()
+    except UserError as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: finished stages and checkpoints are kept; rerun the same "
+                      "command to resume[/]")
+        sys.exit(130)

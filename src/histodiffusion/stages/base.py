@@ -1,0 +1,103 @@
+"""Stage registry and runner: hash what a stage reads, skip it when done, resume it when not."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from histodiffusion.config import ExperimentConfig, budget_name
+from histodiffusion.errors import UserError
+from histodiffusion.progress import console
+from histodiffusion.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage function gets: config, run directory, its own folder and (maybe) a budget."""
+
+    cfg: ExperimentConfig
+    run_dir: RunDir
+    folder: Path
+    budget: int | float | None = None
+
+    @property
+    def budget_name(self) -> str | None:
+        return None if self.budget is None else budget_name(self.budget)
+
+    def upstream(self, stage: str) -> Path:
+        """Folder of an upstream stage (the per-budget folder for per-budget stages)."""
+        spec = STAGES[stage]
+        key = stage if not spec.per_budget else f"{stage}/{self.budget_name}"
+        return self.run_dir.stage_dir(key)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: which config sections it reads, which stages it needs, what it runs."""
+
+    name: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    fn: Callable[[StageContext], dict]
+    per_budget: bool = False
+    description: str = ""
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage to the registry (called by each stage module)."""
+    STAGES[stage.name] = stage
+    return stage
+
+
+def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | float | None]]:
+    """(folder key, budget) pairs of a stage: one, or one per label budget."""
+    if not stage.per_budget:
+        return [(stage.name, None)]
+    return [(f"{stage.name}/{budget_name(b)}", b) for b in cfg.data.target.budgets]
+
+
+def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int | float | None) -> str:
+    """Hash of the stage's config sections, its budget and its upstream stages' DONE hashes."""
+    parts = [stage.name, cfg.section_hash(*stage.sections), str(budget)]
+    for up in stage.upstream:
+        spec = STAGES[up]
+        key = up if not spec.per_budget else f"{up}/{budget_name(budget)}"  # type: ignore[arg-type]
+        done = run_dir.done_hash(key)
+        if done is None:
+            raise UserError(
+                f"stage '{stage.name}' needs stage '{up}' to be finished in {run_dir.root} first: run "
+                f"`histodiffusion {_command(up)} CONFIG` (or `histodiffusion run CONFIG`)"
+            )
+        parts.append(done)
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _command(stage: str) -> str:
+    return {"data": "data prepare", "autoencoder": "train-autoencoder"}.get(stage, stage)
+
+
+def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = False) -> list[dict]:
+    """Run one stage (every budget of a per-budget stage), skipping finished parts."""
+    stage = STAGES[name]
+    run_dir.write_config(cfg)
+    summaries = []
+    for key, budget in stage_keys(stage, cfg):
+        h = stage_hash(stage, cfg, run_dir, budget)
+        if not force and run_dir.is_done(key, h):
+            console.print(f"[dim]{key}: already done (config hash {h}); skipping. Use --force {name} to redo.[/]")
+            summaries.append({"key": key, "skipped": True})
+            continue
+        folder = run_dir.begin(key, h, force=force)
+        console.print(f"[bold cyan]{key}[/]: running in {folder}")
+        t0 = time.time()
+        summary = stage.fn(StageContext(cfg, run_dir, folder, budget)) or {}
+        summary["wall_seconds"] = round(time.time() - t0, 1)
+        run_dir.finish(key, h, summary)
+        summaries.append({"key": key, **summary})
+    return summaries

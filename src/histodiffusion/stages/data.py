@@ -1,0 +1,165 @@
+"""Stage ``data``: manifests (pool, train, valid, test, labeled subsets) and tile caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from histodiffusion import io
+from histodiffusion.config import ExperimentConfig, SourceCfg, budget_name
+from histodiffusion.data import splits as sp
+from histodiffusion.data.cache import TileCache, build_cache
+from histodiffusion.data.sources import (
+    Record,
+    data_root,
+    read_csv_manifest,
+    read_manifest,
+    read_source,
+    write_manifest,
+)
+from histodiffusion.errors import UserError
+from histodiffusion.progress import console
+from histodiffusion.stages.base import Stage, StageContext, register
+
+EVAL_SPLITS = ("train", "valid", "test")
+
+
+def _read(src: SourceCfg, cfg: ExperimentConfig, root: Path) -> list[Record]:
+    records = read_source(src.dataset, src.path, src.format, root, cfg.data.resolution, src.name)
+    if src.splits:
+        wanted = {sp_name for sp_name in src.splits}
+        records = [r for r in records if r.split in wanted]
+        if not records:
+            raise UserError(f"source '{src.name}': no images in splits {src.splits}")
+    return [r.with_(source=src.name, weight=src.weight) for r in records]
+
+
+def _tiled(src: SourceCfg, records: list[Record], folder: Path) -> list[Record]:
+    """Cut the source's images into tiles (tissue only) under ``folder/tiles/<source>``."""
+    from histodiffusion.data.tiling import tile_files
+
+    out = folder / "tiles" / src.name
+    tile = src.tile
+    summary = tile_files([Path(r.path) for r in records], out, tile.size, tile.stride, tile.min_tissue,
+                         "manifest", label="unlabeled", progress=False)
+    console.print(f"  tiled {src.name}: {summary.n_inputs} image(s) -> {summary.n_tiles} tiles "
+                  f"({summary.n_rejected_background} background, {summary.n_too_small} too small)")
+    if summary.n_tiles == 0:
+        raise UserError(f"source '{src.name}': tiling at size {tile.size} kept no tiles; lower "
+                        "tile.size or tile.min_tissue")
+    tiles = read_csv_manifest(out / "manifest.csv", source=src.name)
+    return [r.with_(label=None, weight=src.weight) for r in tiles]
+
+
+def _target(cfg: ExperimentConfig, root: Path) -> tuple[dict[str, list[Record]], list[Record], str, list[str]]:
+    t = cfg.data.target
+    records = _read(t, cfg, root)
+    unlabeled = [r for r in records if not r.label]
+    if unlabeled:
+        raise UserError(f"target '{t.name}': {len(unlabeled)} image(s) have no label (e.g. {unlabeled[0].path}); "
+                        "the target needs <label>/<file> folders or a label column")
+    if t.classes:
+        missing = sorted(set(t.classes) - {r.label for r in records})
+        if missing:
+            raise UserError(f"data.target.classes: {missing} not found in '{t.name}' "
+                            f"(it has {sorted({r.label for r in records})})")
+        records = [r for r in records if r.label in set(t.classes)]
+    classes = list(t.classes) if t.classes else sorted({r.label for r in records})  # type: ignore[misc]
+    splits, used = sp.split_target(records, t.split_by, t.split_fractions, t.split_seed)
+    if t.max_per_class:
+        for s in EVAL_SPLITS:
+            splits[s] = sp.cap_per_class(splits[s], t.max_per_class, cfg.seed, f"cap-{s}")
+    return splits, records, used, classes
+
+
+def _pool(cfg: ExperimentConfig, root: Path, folder: Path, target_all: list[Record]) -> list[Record]:
+    target_name = cfg.data.target.name
+    pool: list[Record] = []
+    for src in cfg.data.pool:
+        if src.dataset is not None and src.dataset == cfg.data.target.dataset:
+            raise UserError(f"data.pool: '{src.dataset}' is the target dataset; the pre-training pool must "
+                            "exclude the target (that is the point of the protocol)")
+        records = _read(src, cfg, root)
+        if src.tile is not None:
+            records = _tiled(src, records, folder)
+        if src.max_images:
+            records = sp.weighted_sample(records, src.max_images, cfg.seed)
+        pool += [r.with_(label=None, group=None) for r in records]
+    sp.check_pool_disjoint(pool, target_all, target_name)
+    if cfg.data.pool_max:
+        pool = sp.weighted_sample(pool, cfg.data.pool_max, cfg.seed)
+    return pool
+
+
+def _cached(records: list[Record], name: str, ctx: StageContext) -> list[Record]:
+    d = ctx.cfg.data
+    build_cache(records, d.resolution, ctx.folder / "cache" / name, d.cache_shard_size, d.max_bad_fraction,
+                d.num_workers, name=name)
+    cache = TileCache(ctx.folder / "cache" / name)
+    return [r for r in records if cache.contains(r.path)]
+
+
+def _print_table(title: str, table: dict[str, dict[str, int]], classes: list[str]) -> None:
+    t = Table(title=title)
+    t.add_column("class")
+    for part in table:
+        t.add_column(part, justify="right")
+    for c in classes:
+        t.add_row(c, *[str(row[c]) for row in table.values()])
+    t.add_row("[bold]total", *[f"[bold]{row['total']}" for row in table.values()])
+    console.print(t)
+
+
+def run(ctx: StageContext) -> dict:
+    """Read sources, split, cache tiles, draw label budgets, check guards, write manifests."""
+    cfg = ctx.cfg
+    root = data_root(cfg.data.root)
+    console.print(f"data root: {root}")
+    splits, target_all, mode, classes = _target(cfg, root)
+    sp.check_group_leakage(splits)
+    pool = _pool(cfg, root, ctx.folder, target_all)
+    splits = {s: _cached(splits[s], s, ctx) for s in EVAL_SPLITS}
+    pool = _cached(pool, "pool", ctx)
+    labeled = {}
+    for budget in cfg.data.target.budgets:
+        subset = sp.labeled_subset(splits["train"], budget, cfg.seed)
+        sp.check_classes_present(subset, splits["train"], budget)
+        labeled[budget_name(budget)] = subset
+    for s in EVAL_SPLITS:
+        write_manifest(ctx.folder / f"{s}.csv", splits[s])
+    write_manifest(ctx.folder / "pool.csv", pool)
+    for name, subset in labeled.items():
+        write_manifest(ctx.folder / "labeled" / f"{name}.csv", subset)
+    parts = {**{f"labeled {n}": s for n, s in labeled.items()}, **splits}
+    table = sp.count_table(parts, classes)
+    pool_sources: dict[str, int] = {}
+    for r in pool:
+        pool_sources[r.source] = pool_sources.get(r.source, 0) + 1
+    summary = {"target": cfg.data.target.name, "split_by": mode, "classes": classes, "counts": table,
+               "pool": {"total": len(pool), "by_source": pool_sources}, "resolution": cfg.data.resolution}
+    io.write_json(ctx.folder / "classes.json", classes)
+    io.write_json(ctx.folder / "counts.json", summary)
+    _print_table(f"{cfg.experiment}: target '{cfg.data.target.name}' (split by {mode})", table, classes)
+    src_table = Table(title="pre-training pool (labels ignored)")
+    src_table.add_column("source")
+    src_table.add_column("tiles", justify="right")
+    for s, n in pool_sources.items():
+        src_table.add_row(s, str(n))
+    src_table.add_row("[bold]total", f"[bold]{len(pool)}")
+    console.print(src_table)
+    return summary
+
+
+# ----------------------------------------------------------------------- reading back
+def classes_of(run_dir_data: Path) -> list[str]:
+    """Class names in label-index order, as written by the data stage."""
+    return io.read_json(run_dir_data / "classes.json")
+
+
+def split_records(data_folder: Path, split: str) -> list[Record]:
+    """Records of 'train', 'valid', 'test', 'pool' or 'labeled/<budget>'."""
+    return read_manifest(data_folder / f"{split}.csv")
+
+
+STAGE = register(Stage("data", ("data", "seed"), (), run, description="manifests and tile caches"))

@@ -1,0 +1,151 @@
+"""The command line on real input: data prepare on the smoke config, and every bad input's message."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from .conftest import CONFIGS, REPO
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {}), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "histodiffusion", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=full_env, timeout=300)
+
+
+def _user_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    return " ".join(proc.stderr.split())  # unwrap rich's line folding
+
+
+def _write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _folder_dataset(root: Path, counts: dict[str, int], size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for label, n in counts.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_help_lists_only_existing_commands() -> None:
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for command in ("data", "config"):
+        assert command in proc.stdout
+    sub = cli("data", "--help")
+    for command in ("prepare", "fetch", "tile"):
+        assert command in sub.stdout
+
+
+def test_dry_run_prints_resolved_config(tmp_path: Path) -> None:
+    proc = cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--dry-run", "--set", "data.resolution=48")
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["data"]["resolution"] == 48 and resolved["preset"] == "tiny"
+
+
+def test_unknown_config_key_exit_2(tmp_path: Path) -> None:
+    raw = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    raw["data"]["resolutoin"] = 32
+    msg = _user_error(cli("data", "prepare", str(_write_config(tmp_path / "c.yaml", raw))))
+    assert "data.resolutoin: unknown key; did you mean 'resolution'?" in msg
+
+
+def test_bad_set_value_exit_2() -> None:
+    msg = _user_error(cli("config", str(CONFIGS / "smoke.yaml"), "--set", "data.resolution=-3"))
+    assert "data.resolution: Input should be greater than or equal to 8" in msg
+
+
+def test_missing_data_root_exit_2(tmp_path: Path) -> None:
+    msg = _user_error(cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--run-dir", str(tmp_path / "r"),
+                          "--data-root", str(tmp_path / "nowhere")))
+    assert f"data root {tmp_path / 'nowhere'} does not exist" in msg and "HISTODIFFUSION_DATA" in msg
+
+
+def test_corrupt_image_in_target_exit_2(tmp_path: Path) -> None:
+    target = _folder_dataset(tmp_path / "tgt", {"a": 12, "b": 12})
+    (target / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
+    pool = _folder_dataset(tmp_path / "pool", {"x": 6})
+    raw = {"experiment": "bad", "preset": "tiny",
+           "data": {"max_bad_fraction": 0.0,
+                    "target": {"path": str(target), "split_by": "stratified", "budgets": [2]},
+                    "pool": [{"path": str(pool)}]}}
+    msg = _user_error(cli("data", "prepare", str(_write_config(tmp_path / "c.yaml", raw)),
+                          "--run-dir", str(tmp_path / "r")))
+    assert "broken.png" in msg and "could not be read" in msg and "max_bad_fraction" in msg
+    # Within the tolerated fraction the file is skipped with a warning and listed in the summary.
+    proc = cli("data", "prepare", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r2"),
+               "--set", "data.max_bad_fraction=0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable file" in proc.stderr and "broken.png" in proc.stderr
+
+
+def test_class_with_no_labeled_images_exit_2(tmp_path: Path) -> None:
+    target = _folder_dataset(tmp_path / "tgt", {"common": 40, "rare": 5})
+    pool = _folder_dataset(tmp_path / "pool", {"x": 4})
+    raw = {"experiment": "rare", "preset": "tiny",
+           "data": {"target": {"path": str(target), "split_by": "stratified", "budgets": [0.1]},
+                    "pool": [{"path": str(pool)}]}}
+    msg = _user_error(cli("data", "prepare", str(_write_config(tmp_path / "c.yaml", raw)),
+                          "--run-dir", str(tmp_path / "r")))
+    assert "class 'rare' has no labeled images at budget 0.1" in msg
+
+
+def test_group_leakage_in_manifest_exit_2(tmp_path: Path) -> None:
+    _folder_dataset(tmp_path / "img", {"a": 6, "b": 6})
+    rows = []
+    for label in ("a", "b"):
+        for i in range(6):
+            split = ["train", "train", "valid", "test", "train", "test"][i]
+            group = f"case{label}{i % 3}"  # case a0 has tiles 0 (train) and 3 (test): leakage
+            rows.append({"path": f"img/{label}/{i}.png", "label": label, "group": group, "split": split})
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "group", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    pool = _folder_dataset(tmp_path / "pool", {"x": 4})
+    raw = {"experiment": "leak", "preset": "tiny",
+           "data": {"target": {"path": str(tmp_path / "m.csv"), "budgets": [1]}, "pool": [{"path": str(pool)}]}}
+    msg = _user_error(cli("data", "prepare", str(_write_config(tmp_path / "c.yaml", raw)),
+                          "--run-dir", str(tmp_path / "r")))
+    assert "group leakage: case 'casea0' is in both the train and the test split" in msg
+
+
+def test_target_in_pool_exit_2(tmp_path: Path, data_root: Path) -> None:
+    raw = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    raw["data"]["pool"].append("pcam")
+    msg = _user_error(cli("data", "prepare", str(_write_config(tmp_path / "c.yaml", raw)),
+                          "--data-root", str(data_root), "--run-dir", str(tmp_path / "r")))
+    assert "'pcam' is the target dataset" in msg
+
+
+def test_smoke_prepare_on_real_data(tmp_path: Path, data_root: Path) -> None:
+    run = tmp_path / "run"
+    proc = cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--data-root", str(data_root), "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert "labeled 8perclass" in proc.stderr and "pre-training pool" in proc.stderr
+    for name in ("config.yaml", "environment.json", "data/DONE", "data/pool.csv", "data/train.csv",
+                 "data/valid.csv", "data/test.csv", "data/labeled/8perclass.csv", "data/classes.json",
+                 "data/cache/pool/index.json", "data/cache/train/index.json"):
+        assert (run / name).is_file(), name
+    counts = json.loads((run / "data" / "counts.json").read_text())
+    assert counts["counts"]["labeled 8perclass"]["total"] == 16
+    assert counts["counts"]["test"]["total"] == 64
+    assert set(counts["pool"]["by_source"]) == {"ebhi", "lc25000", "nct_crc_he", "kather2016", "unlabeled_he"}
+    rerun = cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--data-root", str(data_root), "--run-dir", str(run))
+    assert rerun.returncode == 0 and "already done" in rerun.stderr
