@@ -30,3 +30,23 @@ def data_root() -> Path:
 @pytest.fixture
 def smoke_overrides(data_root: Path) -> list[str]:
     return [f"data.root={data_root}"]
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg(data_root: Path):
+    """The smoke config on the real data (tiny preset)."""
+    from histodiffusion.config import load_config
+
+    return load_config(CONFIGS / "smoke.yaml", [f"data.root={data_root}"])
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_cfg, tmp_path_factory):
+    """A run directory with data, autoencoder, latents and pretrain done on the smoke config."""
+    from histodiffusion.rundir import RunDir
+    from histodiffusion.stages import run_stage
+
+    rd = RunDir(tmp_path_factory.mktemp("smoke") / "run")
+    for stage in ("data", "autoencoder", "latents", "pretrain"):
+        run_stage(stage, smoke_cfg, rd)
+    return rd

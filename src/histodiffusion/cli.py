@@ -11,7 +11,7 @@ import yaml
 from rich.markup import escape
 
 from histodiffusion.config import ExperimentConfig, load_config
-from histodiffusion.errors import UserError
+from histodiffusion.errors import StagePaused, UserError
 from histodiffusion.progress import console
 
 app = typer.Typer(
@@ -103,6 +103,60 @@ def data_tile(
                   f"{len(s.unreadable)} unreadable)")
 
 
+# -------------------------------------------------------------------------- pre-training
+@app.command("train-autoencoder")
+def train_autoencoder(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                      dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Train the KL autoencoder on the pool; store the latent scale in its config."""
+    _stage("autoencoder", config, set_, run_dir, data_root, dry_run, force)
+
+
+@app.command("pretrain")
+def pretrain(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+             dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Encode the pool once, then train the unconditional latent diffusion UNet (resumes)."""
+    _stage("latents", config, set_, run_dir, data_root, dry_run, False)
+    _stage("pretrain", config, set_, run_dir, data_root, dry_run, force)
+
+
+@app.command("sample")
+def sample(config: ConfigArg, num: Annotated[int, typer.Option("--num", help="Number of tiles.")] = 64,
+           model: Annotated[str, typer.Option(help="Stage folder holding unet/: pretrain or finetune/<budget>.")] = "pretrain",
+           out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/samples/<model>).")] = None,
+           run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
+           data_root: DataRootOpt = None) -> None:
+    """Unconditional tiles from a trained UNet (sampler and steps from the config's sampling section)."""
+    from histodiffusion.rundir import RunDir, default_run_dir
+    from histodiffusion.stages.sample import sample_tiles
+
+    cfg = _load(config, set_, run_dir, data_root)
+    if dry_run:
+        _dry_run(cfg)
+    sample_tiles(cfg, RunDir(default_run_dir(cfg)), num, model, out)
+
+
+# ------------------------------------------------------------------------ class guidance
+@app.command("finetune")
+def finetune(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+             dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Train the noise-aware latent classifier and adapt the UNet to each labeled subset."""
+    _stage("finetune", config, set_, run_dir, data_root, dry_run, force)
+
+
+@app.command("train-conditional")
+def train_conditional(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                      dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Baseline: a class-conditional UNet trained on the labeled subset only, no pre-training."""
+    _stage("conditional", config, set_, run_dir, data_root, dry_run, force)
+
+
+@app.command("synthesize")
+def synthesize(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+               dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Classifier-guided tiles per class (ImageFolder of PNGs + manifest); shards under accelerate."""
+    _stage("synthesize", config, set_, run_dir, data_root, dry_run, force)
+
+
 # -------------------------------------------------------------------------------- config
 @app.command("config")
 def show_config(config: ConfigArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
@@ -118,6 +172,9 @@ def main() -> None:
     except UserError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(err.exit_code)
+    except StagePaused as paused:
+        console.print(f"[yellow]paused:[/] {escape(str(paused))}", soft_wrap=True)
+        sys.exit(paused.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: finished stages and checkpoints are kept; rerun the same "
                       "command to resume[/]")

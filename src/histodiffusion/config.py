@@ -140,6 +140,194 @@ class DataCfg(_Section):
     """Processes decoding images while the tile cache is built (0: in the main process)."""
 
 
+# ------------------------------------------------------------------------------- training
+class TrainCfg(_Section):
+    """Optimisation settings shared by every training stage."""
+
+    steps: Annotated[int, Field(ge=1)] = 1000
+    """Optimiser steps."""
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    """Batch size per device (per process under accelerate)."""
+    gradient_accumulation: Annotated[int, Field(ge=1)] = 1
+    """Micro-batches per optimiser step (effective batch = batch_size x this x processes)."""
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-4
+    """Peak learning rate (AdamW)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine decay to 10% of the peak."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
+    """Clip the gradient norm to this value (null: no clipping)."""
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    """Decay of the parameter EMA that is saved as the final model."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that supports it, fp32 on a CPU."""
+    log_every: Annotated[int, Field(ge=1)] = 50
+    checkpoint_every: Annotated[int, Field(ge=1)] = 500
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    """Keep this many newest checkpoints (rotation)."""
+    time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None
+    """Stop after this many minutes of this invocation (checkpointed); rerunning continues. Lets a
+    long run span several sessions, and compares settings at equal compute."""
+
+
+class AutoencoderArch(_Section):
+    """KL autoencoder (diffusers AutoencoderKL) layout."""
+
+    downsample_factor: Literal[2, 4, 8, 16] = 4
+    """Tile edge / latent edge (the paper: 4)."""
+    channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2)] = [64, 128, 128]
+    """Channels per resolution level: log2(downsample_factor) + 1 entries."""
+    layers_per_block: Annotated[int, Field(ge=1)] = 1
+    latent_channels: Annotated[int, Field(ge=1)] = 3
+    """Channels of the latent (the paper: 3)."""
+    norm_num_groups: Annotated[int, Field(ge=1)] = 32
+    mid_attention: bool = False
+    """Self-attention in the bottleneck (costly at high resolution)."""
+
+    @model_validator(mode="after")
+    def _levels(self) -> AutoencoderArch:
+        need = self.downsample_factor.bit_length()  # log2(f) + 1
+        if len(self.channels) != need:
+            raise ValueError(f"channels needs {need} entries for downsample_factor {self.downsample_factor} "
+                             f"(one per resolution level), got {len(self.channels)}")
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError(f"every entry of channels must be divisible by norm_num_groups={self.norm_num_groups}")
+        return self
+
+
+class AutoencoderCfg(_Section):
+    """Stage ``autoencoder``: train the KL autoencoder on the pool and measure the latent scale."""
+
+    arch: AutoencoderArch = AutoencoderArch()
+    train: TrainCfg = TrainCfg(lr=2e-4, steps=4000, batch_size=32, ema_decay=0.0)
+    kl_weight: Annotated[float, Field(ge=0.0)] = 1e-6
+    ssim_weight: Annotated[float, Field(ge=0.0)] = 0.2
+    """Weight of (1 - SSIM) beside the L1 term."""
+    perceptual_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    """LPIPS (VGG) weight; needs the LPIPS/VGG weights on disk (0: off)."""
+    disc_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    """Patch-discriminator (hinge) weight in the generator loss (0: off)."""
+    disc_start: Annotated[int, Field(ge=0)] = 2000
+    """Step at which the discriminator switches on."""
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+    """Pool tiles held out for reconstruction PSNR/SSIM."""
+    train_crop: Annotated[int, Field(ge=8)] | None = None
+    """Train on random square crops of this edge (the convolutional autoencoder is applied to whole
+    tiles afterwards, as in LDM); null: whole tiles. Crops cut the cost per step."""
+
+
+class UNetArch(_Section):
+    """Denoising UNet (diffusers UNet2DModel) layout."""
+
+    channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [64, 128, 256]
+    """Channels per resolution level."""
+    layers_per_block: Annotated[int, Field(ge=1)] = 2
+    attention_resolutions: list[int] = [8]
+    """Latent edge lengths (in latent pixels) whose level has self-attention."""
+    attention_head_dim: Annotated[int, Field(ge=1)] = 32
+    norm_num_groups: Annotated[int, Field(ge=1)] = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _groups(self) -> UNetArch:
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError(f"every entry of channels must be divisible by norm_num_groups={self.norm_num_groups}")
+        return self
+
+
+class DiffusionCfg(_Section):
+    """Forward process and training objective (shared by pre-training, fine-tuning, sampling)."""
+
+    num_train_timesteps: Annotated[int, Field(ge=10)] = 1000
+    schedule: Literal["sqrt_linear", "linear", "cosine"] = "sqrt_linear"
+    """sqrt_linear: LDM's 'linear' schedule, sqrt(beta) linear in t (diffusers 'scaled_linear');
+    linear: beta linear in t; cosine: Nichol & Dhariwal 2021."""
+    beta_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.0015
+    beta_end: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.0155
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    min_snr_gamma: Annotated[float, Field(gt=0.0)] | None = None
+    """Min-SNR loss weighting (Hang et al. 2023) with this gamma (null: uniform)."""
+
+
+class PretrainCfg(_Section):
+    """Stage ``pretrain``: unconditional LDM on the pool's latents."""
+
+    unet: UNetArch = UNetArch()
+    train: TrainCfg = TrainCfg(lr=2e-4, steps=20000, batch_size=64, ema_decay=0.999)
+    dihedral: bool = True
+    """Random flips and 90-degree rotations of latents (tissue has no orientation)."""
+    sample_every: Annotated[int, Field(ge=0)] = 1000
+    """Write a sample grid every this many steps (0: only at the end)."""
+    num_preview: Annotated[int, Field(ge=1, le=256)] = 36
+    """Tiles in each preview grid."""
+
+
+class SamplingCfg(_Section):
+    """Sampler used for previews, ``sample`` and ``synthesize``."""
+
+    sampler: Literal["ddim", "dpmpp", "ddpm"] = "ddim"
+    """ddim (any step count, eta), dpmpp (DPM-Solver++ 2M, any step count) or ddpm."""
+    num_steps: Annotated[int, Field(ge=1, le=1000)] = 50
+    eta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """DDIM stochasticity (0: deterministic)."""
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast dtype for the UNet and decoder during sampling."""
+
+
+# ------------------------------------------------------------------------ class guidance
+class LatentClassifierCfg(_Section):
+    """Noise-aware latent classifier p(y | x_t, t) (guided-diffusion recipe, in latent space)."""
+
+    channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [64, 128, 128]
+    layers_per_block: Annotated[int, Field(ge=1)] = 1
+    attention_resolutions: list[int] = []
+    attention_head_dim: Annotated[int, Field(ge=1)] = 32
+    norm_num_groups: Annotated[int, Field(ge=1)] = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    train: TrainCfg = TrainCfg(steps=3000, batch_size=64, lr=3e-4, weight_decay=0.05, ema_decay=0.0,
+                               warmup_steps=100)
+    eval_every: Annotated[int, Field(ge=1)] = 250
+    """Evaluate on the valid split (accuracy per noise quartile) every this many steps; keep the best."""
+    eval_max: Annotated[int, Field(ge=1)] = 1024
+    """Valid latents used per evaluation (stratified, fixed)."""
+
+
+class FinetuneCfg(_Section):
+    """Stage ``finetune``: latent classifier + domain adaptation of the pre-trained UNet."""
+
+    domain_adapt: bool = True
+    """Fine-tune the pre-trained UNet (unconditionally) on the labeled subset; off: use it as is."""
+    train: TrainCfg = TrainCfg(steps=1000, batch_size=32, lr=5e-5, ema_decay=0.995, warmup_steps=50)
+    classifier: LatentClassifierCfg = LatentClassifierCfg()
+
+
+class ConditionalCfg(_Section):
+    """Stage ``conditional``: the baseline generator the paper argues against — the same UNet
+    trained class-conditionally on the labeled subset only, with no pre-training."""
+
+    enabled: bool = False
+    train: TrainCfg = TrainCfg(steps=4000, batch_size=32, lr=2e-4, ema_decay=0.999, warmup_steps=100)
+
+
+class SynthesizeCfg(_Section):
+    """Stage ``synthesize``: class-guided tiles per class."""
+
+    generators: Annotated[list[Literal["guided", "unguided", "conditional"]], Field(min_length=1)] = ["guided"]
+    """guided: (domain-adapted) UNet + classifier guidance; unguided: the same UNet with scale 0;
+    conditional: the class-conditional baseline (needs conditional.enabled)."""
+    per_class: Annotated[int, Field(ge=1)] | None = None
+    """Tiles per class; when set it wins over ``multiple_of_real``."""
+    multiple_of_real: Annotated[float, Field(gt=0.0)] = 3.0
+    """Tiles per class = this x the class's labeled count (the paper tried 0.5, 1 and 3)."""
+    guidance_scale: Annotated[float, Field(ge=0.0)] = 3.0
+    class_scales: dict[str, Annotated[float, Field(ge=0.0)]] = {}
+    """Per-class guidance scale overriding ``guidance_scale`` (keys: class names)."""
+    guidance_max_timestep: Annotated[int, Field(ge=0)] | None = None
+    """Guide only at t <= this (the less noisy part); null: at every step."""
+
+
 # --------------------------------------------------------------------------------------- root
 class ExperimentConfig(_Section):
     """A whole experiment: data, models and every stage's settings."""
@@ -155,6 +343,13 @@ class ExperimentConfig(_Section):
     run_dir: str | None = None
     """Run directory; default runs/<experiment> below the current folder."""
     data: DataCfg
+    autoencoder: AutoencoderCfg = AutoencoderCfg()
+    diffusion: DiffusionCfg = DiffusionCfg()
+    pretrain: PretrainCfg = PretrainCfg()
+    sampling: SamplingCfg = SamplingCfg()
+    finetune: FinetuneCfg = FinetuneCfg()
+    conditional: ConditionalCfg = ConditionalCfg()
+    synthesize: SynthesizeCfg = SynthesizeCfg()
 
     @field_validator("experiment")
     @classmethod
@@ -162,6 +357,13 @@ class ExperimentConfig(_Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("letters, digits, '.', '_' and '-' only (it names a folder)")
         return v
+
+    @model_validator(mode="after")
+    def _generators_need_their_stage(self) -> ExperimentConfig:
+        if "conditional" in self.synthesize.generators and not self.conditional.enabled:
+            raise ValueError("synthesize.generators includes 'conditional' but conditional.enabled is false; "
+                             "enable the baseline or drop it from the generators")
+        return self
 
     def to_dict(self) -> dict:
         """Plain dict of the resolved config (what is written to the run directory)."""

@@ -11,3 +11,9 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """An experiment config that does not validate: names the key path and what was expected."""
+
+
+class StagePaused(Exception):
+    """A training stage stopped at its time limit after checkpointing; rerunning continues it."""
+
+    exit_code = 3

@@ -6,14 +6,66 @@ what differs from its preset and every value it does state wins.
 
 from __future__ import annotations
 
+
+def _train(steps: int, batch_size: int, **kw) -> dict:
+    return {"steps": steps, "batch_size": batch_size, **kw}
+
+
 PRESETS: dict[str, dict] = {
+    # Seconds on a CPU: every stage runs end to end on a handful of tiles (tests, smoke runs).
     "tiny": {
         "data": {"resolution": 32, "cache_shard_size": 64},
+        "autoencoder": {
+            "arch": {"downsample_factor": 4, "channels": [8, 8, 16], "latent_channels": 3, "norm_num_groups": 4},
+            "train": _train(6, 8, log_every=2, checkpoint_every=4, warmup_steps=2),
+        },
+        "pretrain": {
+            "unet": {"channels": [16, 32], "layers_per_block": 1, "attention_resolutions": [4],
+                     "attention_head_dim": 8, "norm_num_groups": 8},
+            "train": _train(6, 8, log_every=2, checkpoint_every=4, warmup_steps=2),
+            "sample_every": 0, "num_preview": 4,
+        },
+        "sampling": {"num_steps": 4, "batch_size": 8},
+        "finetune": {
+            "train": _train(4, 8, log_every=2, checkpoint_every=4, warmup_steps=1),
+            "classifier": {"channels": [16, 32], "norm_num_groups": 8, "attention_head_dim": 8, "eval_every": 3,
+                           "eval_max": 32, "train": _train(6, 16, log_every=2, checkpoint_every=6, warmup_steps=1)},
+        },
+        "conditional": {"train": _train(4, 8, log_every=2, checkpoint_every=4, warmup_steps=1)},
     },
+    # A 2-core CPU: autoencoder + LDM pre-training within about three hours together.
     "cpu": {
         "data": {"resolution": 64},
+        "autoencoder": {
+            "arch": {"downsample_factor": 4, "channels": [32, 64, 64], "latent_channels": 3,
+                     "norm_num_groups": 16},
+            "train": _train(3000, 32, lr=1e-3, warmup_steps=100, checkpoint_every=500, ema_decay=0.0),
+            "train_crop": 32,
+        },
+        "pretrain": {
+            "unet": {"channels": [64, 128, 128], "layers_per_block": 1, "attention_resolutions": [4],
+                     "attention_head_dim": 32, "norm_num_groups": 32},
+            "train": _train(8000, 64, lr=5e-4, warmup_steps=200, checkpoint_every=500, ema_decay=0.999),
+            "sample_every": 1000,
+        },
+        "sampling": {"sampler": "ddim", "num_steps": 50, "batch_size": 64},
     },
+    # The paper's sizes (GPU): 256 px, f=4, 3 latent channels, 192-channel UNet (1,2,2,4,4).
     "paper": {
         "data": {"resolution": 256},
+        "autoencoder": {
+            "arch": {"downsample_factor": 4, "channels": [128, 256, 512], "layers_per_block": 2,
+                     "latent_channels": 3, "norm_num_groups": 32, "mid_attention": True},
+            "train": _train(100_000, 16, lr=4.5e-6 * 16, warmup_steps=0, ema_decay=0.0),
+            "perceptual_weight": 1.0, "disc_weight": 0.5, "disc_start": 50_001,
+        },
+        "pretrain": {
+            "unet": {"channels": [192, 384, 384, 768, 768], "layers_per_block": 2,
+                     "attention_resolutions": [32, 16, 8], "attention_head_dim": 32, "norm_num_groups": 32},
+            "train": _train(200_000, 48, lr=9.6e-5, warmup_steps=1000, ema_decay=0.9999,
+                            checkpoint_every=5000),
+            "sample_every": 5000,
+        },
+        "sampling": {"sampler": "ddim", "num_steps": 50, "batch_size": 64},
     },
 }

@@ -40,13 +40,18 @@ class Stage:
 
     name: str
     sections: tuple[str, ...]
-    upstream: tuple[str, ...]
+    upstream: tuple[str, ...] | Callable[[ExperimentConfig], tuple[str, ...]]
     fn: Callable[[StageContext], dict]
     per_budget: bool = False
     description: str = ""
 
 
 STAGES: dict[str, Stage] = {}
+
+
+def upstream_of(stage: Stage, cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The stages ``stage`` reads, which may depend on the config (e.g. optional generators)."""
+    return stage.upstream(cfg) if callable(stage.upstream) else stage.upstream
 
 
 def register(stage: Stage) -> Stage:
@@ -65,7 +70,7 @@ def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | flo
 def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int | float | None) -> str:
     """Hash of the stage's config sections, its budget and its upstream stages' DONE hashes."""
     parts = [stage.name, cfg.section_hash(*stage.sections), str(budget)]
-    for up in stage.upstream:
+    for up in upstream_of(stage, cfg):
         spec = STAGES[up]
         key = up if not spec.per_budget else f"{up}/{budget_name(budget)}"  # type: ignore[arg-type]
         done = run_dir.done_hash(key)

@@ -1,0 +1,157 @@
+"""Pre-training trials at equal wall-clock budgets: which setting gives the best samples per CPU-hour.
+
+Each trial trains the autoencoder it names (shared between trials) and then the LDM for the same
+number of minutes (``train.time_limit_minutes``), samples 64 tiles with DDIM-50 from the EMA
+model, and records steps, wall time, final loss and throughput. Writes
+``bench/results/pretrain_trials/<trial>.png``, ``real_<res>px.png`` and ``trials.{json,md}``.
+
+    python bench/pretrain_trials.py --config configs/pcam-fewlabel.yaml --minutes 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from histodiffusion.config import load_config
+from histodiffusion.data.cache import TileCache
+from histodiffusion.errors import StagePaused
+from histodiffusion.io import read_jsonl, write_json, write_text
+from histodiffusion.rundir import RunDir
+from histodiffusion.stages import run_stage
+from histodiffusion.stages.sample import sample_tiles
+from histodiffusion.viz import grid, save_image
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "results" / "pretrain_trials"
+
+# Autoencoders the trials share: resolution, downsampling and layout.
+AUTOENCODERS = {
+    "64px-f4": ["data.resolution=64", "autoencoder.arch.downsample_factor=4", "autoencoder.arch.channels=[32,64,64]",
+                "autoencoder.arch.latent_channels=3", "autoencoder.train_crop=32"],
+    "32px-f4": ["data.resolution=32", "autoencoder.arch.downsample_factor=4", "autoencoder.arch.channels=[32,64,64]",
+                "autoencoder.arch.latent_channels=3"],
+    "64px-f8": ["data.resolution=64", "autoencoder.arch.downsample_factor=8",
+                "autoencoder.arch.channels=[32,64,64,64]", "autoencoder.arch.latent_channels=4",
+                "autoencoder.train_crop=32"],
+}
+UNET_SMALL = ["pretrain.unet.channels=[64,128,128]", "pretrain.unet.layers_per_block=1"]
+UNET_WIDE = ["pretrain.unet.channels=[96,192,192]", "pretrain.unet.layers_per_block=2"]
+# name: (autoencoder, LDM overrides, what it tests)
+TRIALS = {
+    "A-64f4-eps": ("64px-f4", UNET_SMALL, "64 px, f=4 (16x16x3), 4.4M UNet, eps, sqrt-linear, lr 5e-4, fp32"),
+    "B-64f4-eps-bf16": ("64px-f4", UNET_SMALL + ["pretrain.train.mixed_precision=bf16"], "A with bf16 autocast"),
+    "C-64f4-v-minsnr": ("64px-f4", UNET_SMALL + ["diffusion.prediction_type=v_prediction",
+                                                 "diffusion.min_snr_gamma=5"], "A with v-prediction + min-SNR-5"),
+    "D-64f4-cosine": ("64px-f4", UNET_SMALL + ["diffusion.schedule=cosine"], "A with the cosine schedule"),
+    "E-64f4-lr2e-4": ("64px-f4", UNET_SMALL + ["pretrain.train.lr=2e-4"], "A with lr 2e-4"),
+    "F-32f4-wide": ("32px-f4", UNET_WIDE, "32 px, f=4 (8x8x3), 14.5M UNet, eps, lr 5e-4"),
+    "G-64f8-wide": ("64px-f8", UNET_WIDE, "64 px, f=8 (8x8x4), 14.5M UNet, eps, lr 5e-4"),
+}
+
+
+def _cfg(config: Path, overrides: list[str]):
+    return load_config(config, overrides)
+
+
+def ensure_autoencoder(config: Path, work: Path, key: str, ae_steps: int) -> tuple[RunDir, dict]:
+    """Data + autoencoder + latents for one autoencoder setting (cached under ``work/ae-<key>``)."""
+    rd = RunDir(work / f"ae-{key}")
+    cfg = _cfg(config, AUTOENCODERS[key] + [f"autoencoder.train.steps={ae_steps}"])
+    t0 = time.time()
+    for stage in ("data", "autoencoder", "latents"):
+        run_stage(stage, cfg, rd)
+    metrics = json.loads((rd.root / "autoencoder" / "metrics.json").read_text())
+    done = json.loads((rd.root / "autoencoder" / "DONE").read_text())
+    metrics["wall_seconds"] = done["summary"].get("wall_seconds", round(time.time() - t0, 1))
+    return rd, metrics
+
+
+def run_trial(config: Path, work: Path, name: str, minutes: float, ae: RunDir) -> dict:
+    """Train one LDM setting for ``minutes`` and sample 64 tiles from its EMA model."""
+    key, overrides, what = TRIALS[name]
+    rd = RunDir(work / name)
+    for stage in ("data", "autoencoder", "latents"):
+        if not (rd.root / stage).exists():
+            shutil.copytree(ae.root / stage, rd.root / stage)
+    cfg = _cfg(config, AUTOENCODERS[key] + overrides + [
+        "pretrain.train.steps=200000", f"pretrain.train.time_limit_minutes={minutes}",
+        "pretrain.sample_every=0", "pretrain.train.checkpoint_every=100000"])
+    t0 = time.time()
+    try:
+        run_stage("pretrain", cfg, rd)
+    except StagePaused:
+        pass
+    wall = time.time() - t0
+    log = read_jsonl(rd.root / "pretrain" / "metrics.jsonl")
+    samples = sample_tiles(cfg, rd, 64, "pretrain", rd.root / "samples")
+    tiles = np.stack([np.asarray(__import__("PIL.Image").Image.open(samples / f"{k:06d}.png").convert("RGB"))
+                      for k in range(64)])
+    np.save(rd.root / "samples.npy", tiles)
+    save_image(grid(tiles, ncol=8), OUT / f"{name}.png", scale=2)
+    steps = log[-1]["step"] if log else 0
+    return {"trial": name, "what": what, "autoencoder": key, "steps": steps, "wall_minutes": round(wall / 60, 1),
+            "final_loss": round(float(np.mean([r["loss"] for r in log[-5:]])), 4) if log else None,
+            "latents_per_s": round(float(np.median([r["images_per_s"] for r in log[1:]] or [0])), 1),
+            "grid": f"pretrain_trials/{name}.png"}
+
+
+def real_grid(ae: RunDir, resolution: int) -> None:
+    """A grid of real pool tiles at the trial's resolution, to put beside the samples."""
+    cache = TileCache(ae.root / "data" / "cache" / "pool")
+    rows = np.random.default_rng(0).choice(len(cache), size=64, replace=False)
+    save_image(grid(cache.take(np.sort(rows)), ncol=8), OUT / f"real_{resolution}px.png", scale=2)
+
+
+def markdown(rows: list[dict], aes: dict, command: str) -> str:
+    lines = ["# Pre-training trials at equal wall-clock budgets", "",
+             f"Command: `{command}`", f"Machine: {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "",
+             "| autoencoder | steps | wall (min) | held-out PSNR (dB) | SSIM | latent scale |",
+             "|---|---|---|---|---|---|"]
+    for key, m in aes.items():
+        lines.append(f"| {key} | - | {m['wall_seconds'] / 60:.1f} | {m['psnr_db']:.2f} | {m['ssim']:.3f} | "
+                     f"{m['scaling_factor']:.3f} |")
+    lines += ["", "| trial | setting | steps | wall (min) | final loss | latents/s | samples |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trial']} | {r['what']} | {r['steps']} | {r['wall_minutes']} | {r['final_loss']} | "
+                     f"{r['latents_per_s']} | ![]({r['grid']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", type=Path, default=REPO / "configs" / "pcam-fewlabel.yaml")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "work" / "trials")
+    ap.add_argument("--minutes", type=float, default=12.0)
+    ap.add_argument("--ae-steps", type=int, default=2000)
+    ap.add_argument("--only", default="", help="comma-separated trial names")
+    args = ap.parse_args()
+    names = [n for n in TRIALS if not args.only or n in args.only.split(",")]
+    results_file = OUT / "trials.json"
+    previous = json.loads(results_file.read_text()) if results_file.is_file() else {"trials": {}, "autoencoders": {}}
+    aes: dict[str, tuple[RunDir, dict]] = {}
+    for name in names:
+        key = TRIALS[name][0]
+        if key not in aes:
+            aes[key] = ensure_autoencoder(args.config, args.work, key, args.ae_steps)
+            real_grid(aes[key][0], int(AUTOENCODERS[key][0].split("=")[1]))
+            previous["autoencoders"][key] = aes[key][1]
+        previous["trials"][name] = run_trial(args.config, args.work, name, args.minutes, aes[key][0])
+        write_json(results_file, previous)
+        print(json.dumps(previous["trials"][name]), flush=True)
+    command = "python bench/pretrain_trials.py " + " ".join(sys.argv[1:])
+    write_text(OUT / "trials.md", markdown(list(previous["trials"].values()), previous["autoencoders"], command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Latent cache: tiles encoded once into posterior moments, stored as safetensors shards.
+
+Raw (unscaled) posterior mean and std are stored; the latent scale is applied just in time
+(edm2-style), so retraining nothing but the scale never needs a re-encode. LDM training samples
+z = (mean + std * n) * scaling_factor from the moments at every step and never touches images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+
+from histodiffusion import io
+from histodiffusion.data.cache import TileCache
+from histodiffusion.errors import UserError
+from histodiffusion.models.autoencoder import tiles_to_tensor
+from histodiffusion.progress import progress_bar
+
+INDEX = "index.json"
+
+
+@torch.no_grad()
+def encode_to_shards(vae: AutoencoderKL, cache: TileCache, rows: np.ndarray, folder: Path,
+                     device: torch.device | str = "cpu", batch_size: int = 64, shard_size: int = 8192,
+                     progress: bool = True) -> dict:
+    """Encode ``cache[rows]`` into ``folder/shard-*.safetensors`` (fp16 moments); resumes by shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vae = vae.to(device).eval()
+    shards = []
+    with progress_bar("encoding latents", total=len(rows), enabled=progress, unit="tiles") as advance:
+        for s, start in enumerate(range(0, len(rows), shard_size)):
+            chunk = rows[start:start + shard_size]
+            path = folder / f"shard-{s:05d}.safetensors"
+            if not path.is_file():
+                means, stds = [], []
+                for i in range(0, len(chunk), batch_size):
+                    x = tiles_to_tensor(cache.take(chunk[i:i + batch_size])).to(device)
+                    dist = vae.encode(x).latent_dist
+                    means.append(dist.mean.half().cpu())
+                    stds.append(dist.std.half().cpu())
+                with io.atomic_path(path) as tmp:
+                    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                               "rows": torch.as_tensor(chunk, dtype=torch.int64)}, str(tmp))
+            shards.append(path.name)
+            advance(len(chunk))
+    index = {"shards": shards, "n": int(len(rows)), "scaling_factor": float(vae.config.scaling_factor)}
+    io.write_json(folder / INDEX, index)
+    return index
+
+
+class LatentSet:
+    """All latent moments of a folder in memory: ``sample(rows, generator)`` gives scaled z."""
+
+    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+        folder = Path(folder)
+        if not (folder / INDEX).is_file():
+            raise UserError(f"latent cache {folder} is missing or unfinished; rerun the stage that writes it")
+        index = json.loads((folder / INDEX).read_text())
+        parts = [load_file(str(folder / name)) for name in index["shards"]]
+        self.mean = torch.cat([p["mean"] for p in parts]).float().to(device)
+        self.std = torch.cat([p["std"] for p in parts]).float().to(device)
+        self.rows = torch.cat([p["rows"] for p in parts])
+        self.scaling_factor = float(index["scaling_factor"])
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, h, w) of one latent."""
+        return tuple(self.mean.shape[1:])
+
+    def sample(self, idx: torch.Tensor | np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """Scaled posterior samples z = (mean + std * n) * scaling_factor at ``idx``."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        mean, std = self.mean[idx], self.std[idx]
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return (mean + std * noise) * self.scaling_factor

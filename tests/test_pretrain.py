@@ -1,0 +1,102 @@
+"""Autoencoder, latent cache and LDM pre-training on the tiny preset: files, exact resume, plain diffusers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from histodiffusion.data.latents import LatentSet
+from histodiffusion.rundir import RunDir
+from histodiffusion.stages import run_stage
+
+
+def test_stage_outputs(smoke_run: RunDir) -> None:
+    root = smoke_run.root
+    for path in ("autoencoder/vae/config.json", "autoencoder/vae/diffusion_pytorch_model.safetensors",
+                 "autoencoder/metrics.json", "latents/pool/index.json", "pretrain/unet/config.json",
+                 "pretrain/scheduler/scheduler_config.json", "pretrain/metrics.jsonl", "pretrain/DONE"):
+        assert (root / path).is_file(), path
+    vae_cfg = json.loads((root / "autoencoder/vae/config.json").read_text())
+    metrics = json.loads((root / "autoencoder/metrics.json").read_text())
+    assert vae_cfg["scaling_factor"] == pytest.approx(metrics["scaling_factor"])
+    assert vae_cfg["scaling_factor"] != 0.18215 and metrics["scaling_factor"] > 0
+    assert metrics["n_tiles"] >= 1 and np.isfinite(metrics["psnr_db"])
+    assert sorted(p.name for p in (root / "pretrain/samples").iterdir())  # a preview grid was written
+    log = [json.loads(line) for line in (root / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and "images_per_s" in log[-1] and np.isfinite(log[-1]["loss"])
+
+
+def test_latent_cache_scaled_to_unit_std(smoke_run: RunDir) -> None:
+    latents = LatentSet(smoke_run.root / "latents" / "pool")
+    z = latents.sample(torch.arange(len(latents)), torch.Generator().manual_seed(0))
+    # The scale was measured on the training part of the pool, so the whole pool is close to 1.
+    assert 0.7 < float(z.std()) < 1.3
+    assert z.shape[1:] == (3, 8, 8)
+
+
+def test_plain_diffusers_loads_and_samples(smoke_run: RunDir) -> None:
+    """The checkpoints need no project code: diffusers alone loads and samples from them."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+
+    root = smoke_run.root
+    unet = UNet2DModel.from_pretrained(root / "pretrain" / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(root / "autoencoder" / "vae").eval()
+    scheduler = DDIMScheduler.from_pretrained(root / "pretrain" / "scheduler")
+    scheduler.set_timesteps(5)
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        images = vae.decode(x / vae.config.scaling_factor).sample
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def _train_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "pretrain" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_interrupted_training_resumes_to_identical_weights(smoke_run: RunDir, smoke_cfg, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import histodiffusion.stages.pretrain as pretrain_mod
+
+    cfg = smoke_cfg.model_copy(deep=True)
+    cfg.pretrain.train.checkpoint_every = 2
+    cfg.pretrain.train.steps = 6
+    straight = RunDir(tmp_path / "straight")
+    interrupted = RunDir(tmp_path / "interrupted")
+    for rd in (straight, interrupted):
+        for stage in ("data", "autoencoder", "latents"):
+            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    run_stage("pretrain", cfg, straight)
+
+    real = pretrain_mod.accumulate_step
+    calls = {"n": 0}
+
+    def dies_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # steps 0-3 done and checkpointed at step 4; killed during step index 4
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_mod, "accumulate_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("pretrain", cfg, interrupted)
+    assert not (interrupted.root / "pretrain" / "DONE").exists()
+    assert (interrupted.root / "pretrain" / "checkpoints" / "step-0000004" / "meta.json").is_file()
+    monkeypatch.setattr(pretrain_mod, "accumulate_step", real)
+    run_stage("pretrain", cfg, interrupted)
+
+    a, b = _train_weights(straight.root), _train_weights(interrupted.root)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(x) for x in (interrupted.root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6]
