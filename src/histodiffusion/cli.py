@@ -157,6 +157,44 @@ def synthesize(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None
     _stage("synthesize", config, set_, run_dir, data_root, dry_run, force)
 
 
+# -------------------------------------------------------------------- selection, evaluation
+@app.command("select")
+def select(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+           dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Keep synthetic tiles an auxiliary classifier confidently matches to their target class."""
+    _stage("select", config, set_, run_dir, data_root, dry_run, force)
+
+
+@app.command("evaluate")
+def evaluate(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+             dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Train the downstream classifier per arm and seed; test metrics with 95% CIs and paired gains."""
+    _stage("evaluate", config, set_, run_dir, data_root, dry_run, force)
+
+
+@app.command("report")
+def report(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+           dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Write report.md, a self-contained report.html and results.json for the run."""
+    _stage("report", config, set_, run_dir, data_root, dry_run, force)
+
+
+@app.command("run")
+def run(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
+        data_root: DataRootOpt = None,
+        start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
+        stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
+        force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage (repeatable).")] = None) -> None:
+    """Run every stage in order (data ... report), skipping finished ones and resuming interrupted ones."""
+    from histodiffusion.rundir import RunDir, default_run_dir
+    from histodiffusion.stages import run_pipeline
+
+    cfg = _load(config, set_, run_dir, data_root)
+    if dry_run:
+        _dry_run(cfg)
+    run_pipeline(cfg, RunDir(default_run_dir(cfg)), start, stop, tuple(force or ()))
+
+
 # -------------------------------------------------------------------------------- config
 @app.command("config")
 def show_config(config: ConfigArg, set_: SetOpt = None, run_dir: RunDirOpt = None,

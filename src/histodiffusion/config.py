@@ -328,6 +328,65 @@ class SynthesizeCfg(_Section):
     """Guide only at t <= this (the less noisy part); null: at every step."""
 
 
+# ------------------------------------------------------------------- selection, evaluation
+class ImageClassifierCfg(_Section):
+    """A tile classifier (timm backbone, trained from scratch) for selection and evaluation."""
+
+    backbone: str = "resnet18"
+    """timm model name (created with pretrained=False)."""
+    steps: Annotated[int, Field(ge=1)] = 600
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.05
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    eval_every: Annotated[int, Field(ge=1)] = 100
+    """Evaluate on the valid split every this many steps; the best (balanced accuracy) is kept."""
+    eval_max: Annotated[int, Field(ge=1)] = 1024
+    """Valid tiles used for model selection (stratified, fixed)."""
+    color_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    """Strength of the brightness/contrast/saturation jitter (flips and 90-degree rotations always on)."""
+    class_balanced: bool = True
+    """Draw every class equally often in a batch (few-label subsets are often imbalanced)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast dtype for training and inference."""
+
+
+class SelectCfg(_Section):
+    """Stage ``select``: keep the synthetic tiles an auxiliary classifier confidently matches to their class."""
+
+    classifier: ImageClassifierCfg = ImageClassifierCfg()
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    """Keep a tile when the predicted class is its target and the confidence is at least this (tau)."""
+    temperature_scaling: bool = True
+    """Calibrate the confidence by a temperature fitted on the valid split first."""
+    centroid_rule: bool = False
+    """Also require the nearest class centroid (of the labeled tiles' features) to be the target."""
+    per_class_cap: Annotated[int, Field(ge=1)] | None = None
+    """At most this many kept tiles per class (most confident first)."""
+    ratio: Annotated[float, Field(gt=0.0)] | None = 1.0
+    """At most ratio x (real labeled count) kept tiles per class (the paper tried 0.5, 1 and 3); null: no cap."""
+
+
+ARMS = ("real", "real+synthetic", "real+selected", "real+conditional_no_pretrain")
+
+
+class EvaluateCfg(_Section):
+    """Stage ``evaluate``: the downstream classifier on each arm, several seeds, test metrics with CIs."""
+
+    classifier: ImageClassifierCfg = ImageClassifierCfg()
+    seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2, 3, 4]
+    """One run per seed and arm (at least 5 for the confidence intervals the protocol asks for)."""
+    arms: Annotated[list[Literal[ARMS]], Field(min_length=1)] = ["real", "real+synthetic", "real+selected"]  # type: ignore[valid-type]
+    """real, real+synthetic (all guided tiles), real+selected, real+conditional_no_pretrain."""
+
+    @field_validator("arms")
+    @classmethod
+    def _real_first(cls, v: list[str]) -> list[str]:
+        if "real" not in v:
+            raise ValueError("the arms must include 'real' (every gain is measured against it)")
+        return v
+
+
 # --------------------------------------------------------------------------------------- root
 class ExperimentConfig(_Section):
     """A whole experiment: data, models and every stage's settings."""
@@ -350,6 +409,8 @@ class ExperimentConfig(_Section):
     finetune: FinetuneCfg = FinetuneCfg()
     conditional: ConditionalCfg = ConditionalCfg()
     synthesize: SynthesizeCfg = SynthesizeCfg()
+    select: SelectCfg = SelectCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
 
     @field_validator("experiment")
     @classmethod
@@ -363,6 +424,10 @@ class ExperimentConfig(_Section):
         if "conditional" in self.synthesize.generators and not self.conditional.enabled:
             raise ValueError("synthesize.generators includes 'conditional' but conditional.enabled is false; "
                              "enable the baseline or drop it from the generators")
+        needs = {"real+synthetic": "guided", "real+selected": "guided", "real+conditional_no_pretrain": "conditional"}
+        for arm in self.evaluate.arms:
+            if arm in needs and needs[arm] not in self.synthesize.generators:
+                raise ValueError(f"evaluate.arms has '{arm}', which needs '{needs[arm]}' in synthesize.generators")
         return self
 
     def to_dict(self) -> dict:

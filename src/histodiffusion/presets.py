@@ -11,6 +11,9 @@ def _train(steps: int, batch_size: int, **kw) -> dict:
     return {"steps": steps, "batch_size": batch_size, **kw}
 
 
+_TINY_CLASSIFIER = {"backbone": "resnet10t", "steps": 4, "batch_size": 16, "eval_every": 2, "eval_max": 32,
+                    "warmup_steps": 1}
+
 PRESETS: dict[str, dict] = {
     # Seconds on a CPU: every stage runs end to end on a handful of tiles (tests, smoke runs).
     "tiny": {
@@ -32,6 +35,8 @@ PRESETS: dict[str, dict] = {
                            "eval_max": 32, "train": _train(6, 16, log_every=2, checkpoint_every=6, warmup_steps=1)},
         },
         "conditional": {"train": _train(4, 8, log_every=2, checkpoint_every=4, warmup_steps=1)},
+        "select": {"classifier": _TINY_CLASSIFIER, "threshold": 0.5},
+        "evaluate": {"classifier": _TINY_CLASSIFIER, "seeds": [0, 1]},
     },
     # A 2-core CPU: autoencoder + LDM pre-training within about three hours together.
     "cpu": {

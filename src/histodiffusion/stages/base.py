@@ -72,19 +72,26 @@ def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int
     parts = [stage.name, cfg.section_hash(*stage.sections), str(budget)]
     for up in upstream_of(stage, cfg):
         spec = STAGES[up]
-        key = up if not spec.per_budget else f"{up}/{budget_name(budget)}"  # type: ignore[arg-type]
-        done = run_dir.done_hash(key)
-        if done is None:
-            raise UserError(
-                f"stage '{stage.name}' needs stage '{up}' to be finished in {run_dir.root} first: run "
-                f"`histodiffusion {_command(up)} CONFIG` (or `histodiffusion run CONFIG`)"
-            )
-        parts.append(done)
+        if not spec.per_budget:
+            keys = [up]
+        elif budget is not None:
+            keys = [f"{up}/{budget_name(budget)}"]
+        else:  # a whole-run stage (the report) reads every budget of a per-budget stage
+            keys = [f"{up}/{budget_name(b)}" for b in cfg.data.target.budgets]
+        for key in keys:
+            done = run_dir.done_hash(key)
+            if done is None:
+                raise UserError(
+                    f"stage '{stage.name}' needs stage '{key}' to be finished in {run_dir.root} first: run "
+                    f"`histodiffusion {_command(up)} CONFIG` (or `histodiffusion run CONFIG`)"
+                )
+            parts.append(done)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _command(stage: str) -> str:
-    return {"data": "data prepare", "autoencoder": "train-autoencoder"}.get(stage, stage)
+    return {"data": "data prepare", "autoencoder": "train-autoencoder", "latents": "pretrain",
+            "conditional": "train-conditional"}.get(stage, stage)
 
 
 def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = False) -> list[dict]:

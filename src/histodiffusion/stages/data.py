@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from histodiffusion import io
@@ -160,6 +161,28 @@ def classes_of(run_dir_data: Path) -> list[str]:
 def split_records(data_folder: Path, split: str) -> list[Record]:
     """Records of 'train', 'valid', 'test', 'pool' or 'labeled/<budget>'."""
     return read_manifest(data_folder / f"{split}.csv")
+
+
+def split_rows(data_folder: Path, split: str, cap: int | None = None,
+               seed: int = 0) -> tuple[TileCache, np.ndarray, np.ndarray]:
+    """A split's tile cache, its rows in that cache and label indices (optionally capped, stratified).
+
+    ``labeled/<budget>`` subsets live in the train split's cache.
+    """
+    classes = classes_of(data_folder)
+    records = split_records(data_folder, split)
+    if cap is not None and len(records) > cap:
+        records = sp.cap_per_class(records, max(1, cap // len(classes)), seed, f"eval-{split}")
+    cache = TileCache(data_folder / "cache" / ("train" if split.startswith("labeled/") else split))
+    rows = cache.rows([r.path for r in records])
+    labels = np.array([classes.index(r.label) for r in records], dtype=np.int64)
+    return cache, rows, labels
+
+
+def split_tiles(data_folder: Path, split: str, cap: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, R, R, 3) uint8 tiles and (N,) label indices of a split."""
+    cache, rows, labels = split_rows(data_folder, split, cap, seed)
+    return cache.take(rows), labels
 
 
 STAGE = register(Stage("data", ("data", "seed"), (), run, description="manifests and tile caches"))

@@ -18,10 +18,7 @@ import torch.nn.functional as F
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig
 from histodiffusion.data.augment import random_dihedral
-from histodiffusion.data.cache import TileCache
 from histodiffusion.data.latents import LatentSet, encode_to_shards
-from histodiffusion.data.sources import read_manifest
-from histodiffusion.data.splits import cap_per_class
 from histodiffusion.diffusion.schedules import training_scheduler
 from histodiffusion.errors import UserError
 from histodiffusion.models.classifier import LatentClassifier
@@ -29,6 +26,7 @@ from histodiffusion.models.unet import build_unet, count_parameters
 from histodiffusion.progress import console
 from histodiffusion.stages.autoencoder import load_vae
 from histodiffusion.stages.base import Stage, StageContext, register
+from histodiffusion.stages.data import split_rows
 from histodiffusion.stages.pretrain import load_unet, train_diffusion
 from histodiffusion.training.loop import (
     LoopSpec,
@@ -50,20 +48,13 @@ QUARTILES = 4
 def encode_split(cfg: ExperimentConfig, data: Path, vae_folder: Path, split: str, out: Path,
                  cap: int | None = None) -> tuple[LatentSet, torch.Tensor]:
     """Encode a split's tiles ('labeled/<budget>', 'valid', ...) once; returns latents and label indices."""
-    classes = io.read_json(data / "classes.json")
-    records = read_manifest(data / f"{split}.csv")
-    if cap is not None and len(records) > cap:
-        records = cap_per_class(records, max(1, cap // len(classes)), cfg.seed, f"eval-{split}")
-    cache_name = "train" if split.startswith("labeled/") else split
-    cache = TileCache(data / "cache" / cache_name)
-    rows = cache.rows([r.path for r in records])
+    cache, rows, labels = split_rows(data, split, cap, cfg.seed)
     if not (out / "index.json").is_file():
-        vae = load_vae(vae_folder, inference_device(cfg.device))
-        encode_to_shards(vae, cache, rows, out, device=inference_device(cfg.device), progress=False)
+        device = inference_device(cfg.device)
+        encode_to_shards(load_vae(vae_folder, device), cache, rows, out, device=device, progress=False)
     latents = LatentSet(out)
-    label_of = {row: classes.index(r.label) for row, r in zip(rows.tolist(), records, strict=True)}
-    labels = torch.tensor([label_of[int(row)] for row in latents.rows], dtype=torch.long)
-    return latents, labels
+    label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
+    return latents, torch.tensor([label_of[int(row)] for row in latents.rows], dtype=torch.long)
 
 
 def class_balanced_weights(labels: torch.Tensor) -> np.ndarray:

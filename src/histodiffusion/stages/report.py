@@ -1,0 +1,145 @@
+"""Stage ``report``: report.md and a self-contained report.html, plus results.json with the numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from histodiffusion import io
+from histodiffusion.config import ExperimentConfig, budget_name
+from histodiffusion.report import Document, arms_bar_chart, curves, fmt_ci
+from histodiffusion.stages.base import STAGES, Stage, StageContext, register, stage_keys
+
+
+def _done(root: Path, key: str) -> dict | None:
+    path = root / key / "DONE"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def wall_seconds(cfg: ExperimentConfig, root: Path) -> dict[str, float]:
+    """Wall seconds of each finished stage (per budget for per-budget stages), from the DONE markers."""
+    out = {}
+    for name in STAGES:
+        if name == "report":
+            continue
+        for key, _ in stage_keys(STAGES[name], cfg):
+            done = _done(root, key)
+            if done is not None:
+                out[key] = done["summary"].get("wall_seconds")
+    return out
+
+
+def _series(path: Path, key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in io.read_jsonl(path) if key in r]
+
+
+def _latest(folder: Path) -> Path | None:
+    files = sorted(folder.glob("step-*.png")) if folder.is_dir() else []
+    return files[-1] if files else None
+
+
+def _pretraining(doc: Document, root: Path, out: Path) -> dict:
+    ae = io.read_json(root / "autoencoder" / "metrics.json")
+    pt = (_done(root, "pretrain") or {}).get("summary", {})
+    doc.heading("Pre-training (unlabeled pool, no labels)")
+    doc.table(["autoencoder held-out PSNR (dB)", "SSIM", "latent scale", "UNet parameters", "steps", "final loss"],
+              [[ae["psnr_db"], ae["ssim"], ae["scaling_factor"], pt.get("parameters"), pt.get("steps"),
+                pt.get("final_loss")]])
+    plot = curves({"autoencoder loss": _series(root / "autoencoder" / "metrics.jsonl", "loss"),
+                   "LDM loss": _series(root / "pretrain" / "metrics.jsonl", "loss")},
+                  out / "pretraining_curves.png", "training losses", "loss", log_y=True)
+    doc.image(plot, "Training curves: autoencoder and unconditional LDM")
+    sample = _latest(root / "pretrain" / "samples")
+    if sample is not None:
+        doc.image(shutil.copy(sample, out / "pretrain_samples.png"), "Unconditional samples of the pre-trained LDM")
+    return {"autoencoder": ae, "pretrain": pt}
+
+
+def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: str) -> dict:
+    doc.heading(f"Label budget {name}")
+    result: dict = {}
+    best = root / "finetune" / name / "classifier" / "best.json"
+    if best.is_file():
+        b = io.read_json(best)
+        result["latent_classifier"] = b
+        doc.paragraph("Noise-aware latent classifier on the valid split (kept checkpoint), accuracy per noise "
+                      "quartile (q1 = least noise):")
+        doc.table(["q1", "q2", "q3", "q4", "valid loss"], [[b["acc_q1"], b["acc_q2"], b["acc_q3"], b["acc_q4"],
+                                                           b["val_loss"]]])
+        valid = root / "finetune" / name / "classifier_training" / "valid.jsonl"
+        doc.image(curves({f"q{q}": _series(valid, f"acc_q{q}") for q in range(1, 5)},
+                         out / f"{name}_latent_classifier.png", f"latent classifier, {name}", "valid accuracy"),
+                  "Latent classifier: valid accuracy per noise quartile during training")
+    for generator in cfg.synthesize.generators:
+        grid = root / "synthesize" / name / generator / "grid.png"
+        if grid.is_file():
+            doc.image(shutil.copy(grid, out / f"{name}_{generator}_grid.png"),
+                      f"Real (top of each pair) vs {generator} synthetic tiles per class, {name}")
+    for generator in ("guided", "conditional"):
+        acc = root / "select" / name / generator / "acceptance.json"
+        if acc.is_file():
+            table = io.read_json(acc)
+            result[f"acceptance_{generator}"] = table
+            doc.paragraph(f"Selection of {generator} tiles (tau = {cfg.select.threshold}):")
+            doc.table(["class", "real", "generated", "wrong class", "low confidence", "centroid", "cap", "accepted"],
+                      [[c, r["real"], r["generated"], r["wrong_class"], r["low_confidence"], r["centroid"], r["cap"],
+                        r["accepted"]] for c, r in table.items()])
+    summary_file = root / "evaluate" / name / "summary.json"
+    if summary_file.is_file():
+        summary = io.read_json(summary_file)
+        result["evaluation"] = summary
+        metrics = ["accuracy", "balanced_accuracy", "macro_f1"] + (["auroc"] if any(
+            "auroc" in a for a in summary["arms"].values()) else []) + ["ece"]
+        doc.paragraph(f"Downstream classifier on the test split ({summary['n_test']} tiles), mean and 95% CI over "
+                      f"{summary['n_seeds']} seeds, in %:")
+        doc.table(["arm", "synthetic tiles"] + metrics,
+                  [[a, summary["n_synthetic"][a]] + [fmt_ci(summary["arms"][a].get(m)) for m in metrics]
+                   for a in summary["arms"]])
+        if summary["paired_gain_vs_real"]:
+            doc.paragraph("Paired difference vs real only (same seeds), percentage points, mean [95% CI]:")
+            doc.table(["arm", "accuracy", "balanced accuracy", "macro-F1"],
+                      [[a] + [fmt_ci(g[m]) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
+                       for a, g in summary["paired_gain_vs_real"].items()])
+        doc.image(arms_bar_chart(summary, "accuracy", out / f"{name}_arms.png", f"{cfg.experiment}, {name}"),
+                  "Test accuracy per arm (bars: mean; whiskers: 95% CI over seeds)")
+    generation = root / "generation" / name / "generation.json"
+    if generation.is_file():
+        result["generation"] = io.read_json(generation)
+    return result
+
+
+def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
+    """Write report.md, report.html and results.json into ``out``; returns the results."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = Document(f"histodiffusion report: {cfg.experiment}")
+    env = io.read_json(root / "environment.json") if (root / "environment.json").is_file() else {}
+    doc.paragraph(f"Target '{cfg.data.target.name}' at {cfg.data.resolution} px, preset '{cfg.preset}', "
+                  f"seed {cfg.seed}, git {env.get('git_commit')}, torch {env.get('packages', {}).get('torch')}.")
+    counts = io.read_json(root / "data" / "counts.json")
+    classes = counts["classes"]
+    doc.heading("Data")
+    doc.table(["split"] + classes + ["total"], [[part] + [row[c] for c in classes] + [row["total"]]
+                                                for part, row in counts["counts"].items()])
+    doc.paragraph("Pre-training pool (labels ignored): " + ", ".join(
+        f"{s} {n}" for s, n in counts["pool"]["by_source"].items()) + f"; total {counts['pool']['total']}.")
+    results: dict = {"experiment": cfg.experiment, "data": counts}
+    if (root / "autoencoder" / "metrics.json").is_file():
+        results.update(_pretraining(doc, root, out))
+    results["budgets"] = {budget_name(b): _budget(doc, cfg, root, out, budget_name(b)) for b in cfg.data.target.budgets}
+    results["wall_seconds"] = wall_seconds(cfg, root)
+    doc.heading("Wall time per stage")
+    doc.table(["stage", "seconds"], [[k, v] for k, v in results["wall_seconds"].items()])
+    doc.write(out)
+    io.write_json(out / "results.json", results)
+    return results
+
+
+def run(ctx: StageContext) -> dict:
+    """Assemble the report of everything finished in the run directory."""
+    results = build(ctx.cfg, ctx.run_dir.root, ctx.folder)
+    return {"budgets": list(results["budgets"])}
+
+
+STAGE = register(Stage("report", ("evaluate", "synthesize", "select"), ("data", "evaluate"), run,
+                       description="report.md, report.html, results.json"))
