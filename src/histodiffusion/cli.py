@@ -172,6 +172,14 @@ def evaluate(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
     _stage("evaluate", config, set_, run_dir, data_root, dry_run, force)
 
 
+@app.command("evaluate-generation")
+def evaluate_generation(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                        dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+    """Frechet distance, KID, precision/recall and near-copies of the synthetic tiles, with real-vs-real floors."""
+    _stage("features", config, set_, run_dir, data_root, dry_run, False)
+    _stage("generation", config, set_, run_dir, data_root, dry_run, force)
+
+
 @app.command("report")
 def report(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
            dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:

@@ -51,6 +51,8 @@ class SourceCfg(_Section):
     """How to read ``path``; ``auto`` decides from the file or folder."""
     splits: list[str] | None = None
     """Use only these splits of the source (for example [train]); all when omitted."""
+    labels: list[str] | None = None
+    """Use only images of these labels (e.g. keep a pool free of one organ); all when omitted."""
     weight: Annotated[float, Field(gt=0.0)] = 1.0
     """Relative sampling weight of this source in the pre-training pool."""
     tile: TileCfg | None = None
@@ -97,6 +99,9 @@ class TargetCfg(SourceCfg):
     """Train/valid/test fractions when the dataset has no split of its own."""
     split_seed: int = 0
     """Seed of the train/valid/test split (fixed per task; independent of ``seed``)."""
+    valid_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    """With split_by own and a dataset that has train and test but no valid split: the fraction of
+    train held out as valid (stratified; by case when groups exist)."""
     budgets: Annotated[list[Budget], Field(min_length=1)] = [0.05]
     """Label budgets: a fraction of the train split (0.01 = 1%) or a count per class (20)."""
     classes: list[str] | None = None
@@ -387,6 +392,27 @@ class EvaluateCfg(_Section):
         return v
 
 
+# ---------------------------------------------------------------------- generation quality
+class GenerationCfg(_Section):
+    """Stages ``features`` and ``generation``: distances between synthetic and real tiles."""
+
+    encoder_backbone: str = "resnet18"
+    """timm backbone of the self-supervised (SimCLR) histology feature encoder trained on the pool."""
+    encoder_steps: Annotated[int, Field(ge=1)] = 600
+    encoder_batch_size: Annotated[int, Field(ge=2)] = 64
+    encoder_lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    max_real: Annotated[int, Field(ge=4)] = 2000
+    """At most this many real held-out (valid) tiles as the reference set (stratified)."""
+    inception_weights: str | None = None
+    """Inception-v3 weights (torch-fidelity's .pth); default: the torch hub cache. Missing: column skipped."""
+    knn_k: Annotated[int, Field(ge=1)] = 3
+    """k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019)."""
+    kid_subset_size: Annotated[int, Field(ge=2)] = 500
+    near_copy_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
+    """A synthetic tile is a near-copy when it is closer to a labeled tile than this quantile of
+    real held-out tiles are."""
+
+
 # --------------------------------------------------------------------------------------- root
 class ExperimentConfig(_Section):
     """A whole experiment: data, models and every stage's settings."""
@@ -411,6 +437,7 @@ class ExperimentConfig(_Section):
     synthesize: SynthesizeCfg = SynthesizeCfg()
     select: SelectCfg = SelectCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
+    generation: GenerationCfg = GenerationCfg()
 
     @field_validator("experiment")
     @classmethod

@@ -37,6 +37,8 @@ PRESETS: dict[str, dict] = {
         "conditional": {"train": _train(4, 8, log_every=2, checkpoint_every=4, warmup_steps=1)},
         "select": {"classifier": _TINY_CLASSIFIER, "threshold": 0.5},
         "evaluate": {"classifier": _TINY_CLASSIFIER, "seeds": [0, 1]},
+        "generation": {"encoder_backbone": "resnet10t", "encoder_steps": 3, "encoder_batch_size": 16,
+                       "max_real": 64, "kid_subset_size": 16},
     },
     # A 2-core CPU: autoencoder + LDM pre-training within about three hours together.
     "cpu": {

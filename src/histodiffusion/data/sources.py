@@ -181,23 +181,32 @@ def _npz_array(path: str, key: str) -> np.ndarray:
         return np.asarray(npz[key])
 
 
-def pathmnist_file(root: Path, resolution: int) -> Path:
-    """The smallest fetched PathMNIST file at or above ``resolution`` (else the largest there)."""
-    folder = root / "pathmnist"
-    have = [s for s in PATHMNIST_SIZES if _pathmnist_name(folder, s).is_file()]
-    if not have:
-        raise UserError(
-            f"PathMNIST is not under the data root {root} (looked for {folder}/pathmnist_<size>.npz). "
-            "Run `histodiffusion data fetch pathmnist --size 64` on a machine with network, or point "
-            "--data-root / HISTODIFFUSION_DATA at a folder holding it."
-        )
+def pathmnist_file(root: Path, resolution: int, fetch_missing: bool = True) -> Path:
+    """The smallest PathMNIST file at or above ``resolution`` under ``root``; fetched on first use.
+
+    Without network the fetch fails within seconds, and the message says how to use local data.
+    """
+    from histodiffusion.data.fetch import pathmnist_path
+
+    have = [s for s in PATHMNIST_SIZES if pathmnist_path(root, s).is_file()]
     above = [s for s in have if s >= resolution]
-    return _pathmnist_name(folder, min(above) if above else max(have))
+    if above or (have and not fetch_missing):
+        return pathmnist_path(root, min(above) if above else max(have))
+    size = min([s for s in PATHMNIST_SIZES if s >= resolution] or [max(PATHMNIST_SIZES)])
+    if not fetch_missing:
+        raise UserError(f"PathMNIST is not under the data root {root}")
+    from histodiffusion.data.fetch import fetch
 
-
-def _pathmnist_name(folder: Path, size: int) -> Path:
-    # medmnist's own naming, which `data fetch pathmnist` follows: pathmnist.npz is 28 px.
-    return folder / ("pathmnist.npz" if size == 28 else f"pathmnist_{size}.npz")
+    try:
+        fetch("pathmnist", root, size=size)
+    except UserError as err:
+        raise UserError(
+            f"PathMNIST ({size} px) is not under the data root {root} and could not be fetched:\n{err}\n"
+            f"To use local data instead: put pathmnist_{size}.npz (MedMNIST format) in {root / 'pathmnist'}, "
+            "point --data-root / HISTODIFFUSION_DATA at a folder holding pathmnist/, or give "
+            "data.target.path (an ImageFolder, a CSV manifest or a .npz)."
+        ) from err
+    return pathmnist_path(root, size)
 
 
 # --------------------------------------------------------------------------- named datasets
@@ -205,7 +214,7 @@ def read_named(name: str, root: Path, resolution: int = 64) -> list[Record]:
     """Records of a named dataset under ``root`` (manifest.csv rows when present, else folders)."""
     if name not in NAMED_DATASETS:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(NAMED_DATASETS)} (or give 'path:')")
-    if not root.is_dir():
+    if not root.is_dir() and name != "pathmnist":
         raise UserError(
             f"data root {root} does not exist. Point --data-root or HISTODIFFUSION_DATA at the folder "
             f"that holds {name}/ (for example ../shared/data), or fetch it: histodiffusion data fetch NAME"

@@ -31,9 +31,14 @@ def _rng(seed: int, *salt: str) -> np.random.Generator:
     return np.random.default_rng(key)
 
 
-def split_own(records: Sequence[Record]) -> dict[str, list[Record]]:
-    """Use the dataset's own train/valid/test split."""
+def split_own(records: Sequence[Record], valid_fraction: float = 0.1, seed: int = 0) -> dict[str, list[Record]]:
+    """Use the dataset's own train/valid/test split; a missing valid split is carved out of train."""
     out = {s: [r for r in records if r.split == s] for s in SPLITS}
+    if out["train"] and out["test"] and not out["valid"]:
+        fractions = (1 - valid_fraction, valid_fraction, 0.0)
+        carve = split_grouped if all(r.group for r in out["train"]) else split_stratified
+        parts = carve(out["train"], fractions, seed)
+        out["train"], out["valid"] = parts["train"], parts["valid"]
     missing = [s for s in SPLITS if not out[s]]
     if missing:
         raise UserError(f"the target has no '{missing[0]}' split of its own; set data.target.split_by "
@@ -86,13 +91,13 @@ def split_stratified(records: Sequence[Record], fractions: Sequence[float], seed
 
 
 def split_target(records: Sequence[Record], mode: str, fractions: Sequence[float],
-                 seed: int) -> tuple[dict[str, list[Record]], str]:
+                 seed: int, valid_fraction: float = 0.1) -> tuple[dict[str, list[Record]], str]:
     """Train/valid/test split of the target by ``mode`` (auto/own/group/stratified); returns the mode used."""
     if mode == "auto":
-        mode = "own" if all(r.split for r in records) else \
+        mode = "own" if all(r.split for r in records) and {r.split for r in records} >= {"train", "test"} else \
             "group" if all(r.group for r in records) else "stratified"
     if mode == "own":
-        splits = split_own(records)
+        splits = split_own(records, valid_fraction, seed)
     elif mode == "group":
         splits = split_grouped(records, fractions, seed)
     else:

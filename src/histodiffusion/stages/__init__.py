@@ -5,6 +5,7 @@ from histodiffusion.stages import (  # noqa: F401  (importing registers the stag
     data,
     evaluate,
     finetune,
+    generation,
     pretrain,
     report,
     select,

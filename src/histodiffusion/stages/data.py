@@ -12,6 +12,7 @@ from histodiffusion.config import ExperimentConfig, SourceCfg, budget_name
 from histodiffusion.data import splits as sp
 from histodiffusion.data.cache import TileCache, build_cache
 from histodiffusion.data.sources import (
+    SPLIT_ALIASES,
     Record,
     data_root,
     read_csv_manifest,
@@ -29,10 +30,15 @@ EVAL_SPLITS = ("train", "valid", "test")
 def _read(src: SourceCfg, cfg: ExperimentConfig, root: Path) -> list[Record]:
     records = read_source(src.dataset, src.path, src.format, root, cfg.data.resolution, src.name)
     if src.splits:
-        wanted = {sp_name for sp_name in src.splits}
+        wanted = {SPLIT_ALIASES.get(s.lower(), s) for s in src.splits}
         records = [r for r in records if r.split in wanted]
         if not records:
             raise UserError(f"source '{src.name}': no images in splits {src.splits}")
+    if src.labels:
+        missing = sorted(set(src.labels) - {r.label for r in records})
+        if missing:
+            raise UserError(f"source '{src.name}': labels {missing} not found (it has {sorted({str(r.label) for r in records})})")
+        records = [r for r in records if r.label in set(src.labels)]
     return [r.with_(source=src.name, weight=src.weight) for r in records]
 
 
@@ -67,20 +73,30 @@ def _target(cfg: ExperimentConfig, root: Path) -> tuple[dict[str, list[Record]],
                             f"(it has {sorted({r.label for r in records})})")
         records = [r for r in records if r.label in set(t.classes)]
     classes = list(t.classes) if t.classes else sorted({r.label for r in records})  # type: ignore[misc]
-    splits, used = sp.split_target(records, t.split_by, t.split_fractions, t.split_seed)
+    splits, used = sp.split_target(records, t.split_by, t.split_fractions, t.split_seed, t.valid_fraction)
     if t.max_per_class:
         for s in EVAL_SPLITS:
             splits[s] = sp.cap_per_class(splits[s], t.max_per_class, cfg.seed, f"cap-{s}")
     return splits, records, used, classes
 
 
+def _disjoint_splits(src: SourceCfg, cfg: ExperimentConfig) -> bool:
+    """True when pool and target take disjoint, named splits of the same dataset."""
+    t = cfg.data.target
+    if not src.splits or not t.splits:
+        return False
+    norm = lambda names: {SPLIT_ALIASES.get(n.lower(), n) for n in names}  # noqa: E731
+    return not norm(src.splits) & norm(t.splits)
+
+
 def _pool(cfg: ExperimentConfig, root: Path, folder: Path, target_all: list[Record]) -> list[Record]:
     target_name = cfg.data.target.name
     pool: list[Record] = []
     for src in cfg.data.pool:
-        if src.dataset is not None and src.dataset == cfg.data.target.dataset:
+        if src.dataset is not None and src.dataset == cfg.data.target.dataset and not _disjoint_splits(src, cfg):
             raise UserError(f"data.pool: '{src.dataset}' is the target dataset; the pre-training pool must "
-                            "exclude the target (that is the point of the protocol)")
+                            "exclude the target (that is the point of the protocol). Only disjoint splits of "
+                            "one dataset may serve both, e.g. pool splits: [train], target splits: [test]")
         records = _read(src, cfg, root)
         if src.tile is not None:
             records = _tiled(src, records, folder)

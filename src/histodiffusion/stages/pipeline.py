@@ -9,7 +9,7 @@ from histodiffusion.rundir import RunDir
 from histodiffusion.stages.base import run_stage
 
 PIPELINE = ("data", "autoencoder", "latents", "pretrain", "finetune", "conditional", "synthesize", "select",
-            "evaluate", "report")
+            "evaluate", "features", "generation", "report")
 
 
 def active_stages(cfg: ExperimentConfig) -> list[str]:

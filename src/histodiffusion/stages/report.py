@@ -105,8 +105,37 @@ def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: s
                   "Test accuracy per arm (bars: mean; whiskers: 95% CI over seeds)")
     generation = root / "generation" / name / "generation.json"
     if generation.is_file():
-        result["generation"] = io.read_json(generation)
+        result["generation"] = _generation(doc, io.read_json(generation), generation.parent, out, name)
     return result
+
+
+def _generation(doc: Document, gen: dict, folder: Path, out: Path, name: str) -> dict:
+    for space in ("histology", "inception"):
+        if gen.get(space) is None:
+            if space == "inception":
+                doc.paragraph("Inception-v3 distances: skipped (weights not available locally).")
+            continue
+        m = gen[space]
+        doc.paragraph(f"Generation quality in {space} features ({gen['feature_space'] if space == 'histology' else 'Inception-v3 pool'}); "
+                      "the floor compares two disjoint halves of the real held-out tiles:")
+        rows = [["real vs real (floor)", *_gen_row(m["floor"])]]
+        rows += [[set_name, *_gen_row(v)] for set_name, v in m["sets"].items()]
+        doc.table(["set", "n real", "n synthetic", "FD", "KID", "precision", "recall"], rows)
+    mem = gen.get("memorization", {})
+    if mem:
+        doc.table(["set", "synthetic tiles", "near-copies of labeled tiles", "threshold",
+                   "median NN distance to labeled", "median NN distance to pool"],
+                  [[k, v["n_synthetic"], v["n_near_copies"], v["threshold"], v["median_nn_distance_labeled"],
+                    v["median_nn_distance_pool"]] for k, v in mem.items()])
+        closest = folder / "closest_guided.png"
+        if closest.is_file():
+            doc.image(shutil.copy(closest, out / f"{name}_closest_guided.png"),
+                      "The synthetic tiles closest to a labeled tile (top) and that labeled tile (bottom)")
+    return gen
+
+
+def _gen_row(d: dict) -> list:
+    return [d.get("n_real"), d.get("n_synthetic"), d.get("fd"), d.get("kid"), d.get("precision"), d.get("recall")]
 
 
 def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
@@ -141,5 +170,5 @@ def run(ctx: StageContext) -> dict:
     return {"budgets": list(results["budgets"])}
 
 
-STAGE = register(Stage("report", ("evaluate", "synthesize", "select"), ("data", "evaluate"), run,
+STAGE = register(Stage("report", ("evaluate", "synthesize", "select"), ("data", "evaluate", "generation"), run,
                        description="report.md, report.html, results.json"))

@@ -1,0 +1,95 @@
+"""Run a benchmark task end to end and file its results in a stable, machine-readable form.
+
+    python bench/run_protocol.py --config configs/pcam-fewlabel.yaml [--run-dir runs/pcam-fewlabel]
+
+Runs (or resumes) ``histodiffusion run`` for the task, then writes, per label budget,
+``bench/results/<task>/<budget>/summary.json`` (arms with mean and 95% CI, paired gains vs
+real, wall seconds per stage, command, machine) and ``report.html`` beside it, and
+``bench/results/<task>/generation.{json,md}`` (distances, floors, precision/recall, near-copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from histodiffusion import io
+from histodiffusion.config import budget_name, load_config
+from histodiffusion.rundir import RunDir, default_run_dir
+from histodiffusion.stages import run_pipeline
+from histodiffusion.stages.evaluate import machine
+from histodiffusion.stages.report import wall_seconds
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = ("data", "autoencoder", "latents", "pretrain", "features")
+
+
+def stage_seconds(all_seconds: dict[str, float], budget: str) -> dict[str, float]:
+    """Wall seconds of the stages one budget's result rests on (shared stages included)."""
+    out = {k: v for k, v in all_seconds.items() if k in SHARED}
+    out.update({k.split("/")[0]: v for k, v in all_seconds.items() if k.endswith(f"/{budget}")})
+    return out
+
+
+def generation_table(task: str, gens: dict[str, dict]) -> str:
+    lines = [f"# Generation quality: {task}", "",
+             "Histology features (SimCLR encoder trained on the pool); FD and KID vs real held-out (valid) tiles; "
+             "the floor compares two disjoint halves of those real tiles. Inception-v3: "
+             + ("reported below." if any(g.get("inception") for g in gens.values()) else
+                "skipped (weights not available offline)."), ""]
+    for budget, g in gens.items():
+        h = g["histology"]
+        lines += [f"## {budget}", "", "| set | n real | n synthetic | FD | KID | precision | recall |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, d in [("real vs real (floor)", h["floor"]), *h["sets"].items()]:
+            lines.append(f"| {name} | {d.get('n_real')} | {d.get('n_synthetic')} | {d.get('fd', float('nan')):.4f} | "
+                         f"{d.get('kid', float('nan')):.5f} | {d.get('precision', float('nan')):.3f} | "
+                         f"{d.get('recall', float('nan')):.3f} |")
+        lines += ["", "Per class FD (n synthetic):", "", "| class | floor | " + " | ".join(h["sets"]) + " |",
+                  "|---|---|" + "---|" * len(h["sets"])]
+        for c, row in h["per_class"].items():
+            cells = [f"{row[s].get('fd', float('nan')):.4f} ({row[s].get('n_synthetic')})" for s in h["sets"]]
+            lines.append(f"| {c} | {row['floor'].get('fd', float('nan')):.4f} | " + " | ".join(cells) + " |")
+        lines += ["", "| set | synthetic | near-copies | median NN distance to labeled | to pool |", "|---|---|---|---|---|"]
+        for name, m in g["memorization"].items():
+            lines.append(f"| {name} | {m['n_synthetic']} | {m['n_near_copies']} | "
+                         f"{m['median_nn_distance_labeled']:.4f} | {m['median_nn_distance_pool']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", type=Path, required=True)
+    ap.add_argument("--run-dir", type=Path, default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--skip-run", action="store_true", help="only file the results of a finished run")
+    args = ap.parse_args()
+    overrides = args.overrides + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_config(args.config, overrides)
+    rd = RunDir(default_run_dir(cfg))
+    if not args.skip_run:
+        run_pipeline(cfg, rd)
+    command = "python bench/run_protocol.py " + " ".join(sys.argv[1:])
+    seconds = wall_seconds(cfg, rd.root)
+    out = REPO / "bench" / "results" / cfg.experiment
+    gens = {}
+    for b in cfg.data.target.budgets:
+        name = budget_name(b)
+        summary = io.read_json(rd.root / "evaluate" / name / "summary.json")
+        summary.update({"wall_seconds": stage_seconds(seconds, name), "command": command, "machine": machine()})
+        io.write_json(out / name / "summary.json", summary)
+        shutil.copy(rd.root / "report" / "report.html", out / name / "report.html")
+        gen = rd.root / "generation" / name / "generation.json"
+        if gen.is_file():
+            gens[name] = io.read_json(gen)
+    if gens:
+        io.write_json(out / "generation.json", {"task": cfg.experiment, "command": command, "machine": machine(),
+                                                "budgets": gens})
+        io.write_text(out / "generation.md", generation_table(cfg.experiment, gens))
+
+
+if __name__ == "__main__":
+    main()
