@@ -47,26 +47,58 @@ def _dry_run(cfg: ExperimentConfig) -> None:
     raise typer.Exit(0)
 
 
-def _stage(name: str, config: Path, overrides: list[str] | None, run_dir: Path | None,
-           data_root: Path | None, dry_run: bool, force: bool) -> None:
+def _stages(names: tuple[str, ...], config: Path, overrides: list[str] | None, run_dir: Path | None,
+            data_root: Path | None, dry_run: bool, force: bool) -> None:
+    """Run ``names`` in order; ``--force`` applies to the last (the command's own stage)."""
     from histodiffusion.rundir import RunDir, default_run_dir
-    from histodiffusion.stages import STAGES, run_stage
+    from histodiffusion.stages import run_stage
 
     cfg = _load(config, overrides, run_dir, data_root)
     if dry_run:
         _dry_run(cfg)
-    assert name in STAGES, name  # a programming error, not user input
-    run_stage(name, cfg, RunDir(default_run_dir(cfg)), force=force)
+    for name in names:
+        run_stage(name, cfg, RunDir(default_run_dir(cfg)), force=force and name == names[-1])
+
+
+# Stage commands: (typer app, command name, stages it runs, help). Each is the same thin call.
+STAGE_COMMANDS = (
+    (data_app, "prepare", ("data",), "Write the experiment's manifests (pool, labeled subsets, valid, test) and "
+     "tile caches; print the counts per split and class."),
+    (app, "train-autoencoder", ("autoencoder",), "Train the KL autoencoder on the pool; store the latent scale "
+     "in its config."),
+    (app, "pretrain", ("latents", "pretrain"), "Encode the pool once, then train the unconditional latent "
+     "diffusion UNet (resumes)."),
+    (app, "finetune", ("finetune",), "Train the noise-aware latent classifier and adapt the UNet to each labeled "
+     "subset."),
+    (app, "train-conditional", ("conditional",), "Baseline: a class-conditional UNet trained on the labeled "
+     "subset only, no pre-training."),
+    (app, "synthesize", ("synthesize",), "Classifier-guided tiles per class (ImageFolder of PNGs + manifest); "
+     "shards under accelerate."),
+    (app, "select", ("select",), "Keep synthetic tiles an auxiliary classifier confidently matches to their "
+     "target class."),
+    (app, "evaluate", ("evaluate",), "Train the downstream classifier per arm and seed; test metrics with 95% "
+     "CIs and paired gains."),
+    (app, "evaluate-generation", ("features", "generation"), "Frechet distance, KID, precision/recall and "
+     "near-copies of the synthetic tiles, with real-vs-real floors."),
+    (app, "report", ("report",), "Write report.md, a self-contained report.html and results.json for the run."),
+)
+
+
+def _register_stage_command(target: typer.Typer, name: str, stages: tuple[str, ...], text: str) -> None:
+    def command(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
+                data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
+        _stages(stages, config, set_, run_dir, data_root, dry_run, force)
+
+    command.__doc__ = text
+    command.__name__ = name.replace("-", "_")
+    target.command(name)(command)
+
+
+for _target, _name, _names, _text in STAGE_COMMANDS:
+    _register_stage_command(_target, _name, _names, _text)
 
 
 # ---------------------------------------------------------------------------------- data
-@data_app.command("prepare")
-def data_prepare(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-                 dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Write the experiment's manifests (pool, labeled subsets, valid, test) and tile caches."""
-    _stage("data", config, set_, run_dir, data_root, dry_run, force)
-
-
 @data_app.command("fetch")
 def data_fetch(
     name: Annotated[str, typer.Argument(help="nct_crc_he_100k, pcam_full or pathmnist.")],
@@ -104,21 +136,6 @@ def data_tile(
 
 
 # -------------------------------------------------------------------------- pre-training
-@app.command("train-autoencoder")
-def train_autoencoder(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-                      dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Train the KL autoencoder on the pool; store the latent scale in its config."""
-    _stage("autoencoder", config, set_, run_dir, data_root, dry_run, force)
-
-
-@app.command("pretrain")
-def pretrain(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-             dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Encode the pool once, then train the unconditional latent diffusion UNet (resumes)."""
-    _stage("latents", config, set_, run_dir, data_root, dry_run, False)
-    _stage("pretrain", config, set_, run_dir, data_root, dry_run, force)
-
-
 @app.command("sample")
 def sample(config: ConfigArg, num: Annotated[int, typer.Option("--num", help="Number of tiles.")] = 64,
            model: Annotated[str, typer.Option(help="Stage folder holding unet/: pretrain or finetune/<budget>.")] = "pretrain",
@@ -136,57 +153,7 @@ def sample(config: ConfigArg, num: Annotated[int, typer.Option("--num", help="Nu
 
 
 # ------------------------------------------------------------------------ class guidance
-@app.command("finetune")
-def finetune(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-             dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Train the noise-aware latent classifier and adapt the UNet to each labeled subset."""
-    _stage("finetune", config, set_, run_dir, data_root, dry_run, force)
-
-
-@app.command("train-conditional")
-def train_conditional(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-                      dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Baseline: a class-conditional UNet trained on the labeled subset only, no pre-training."""
-    _stage("conditional", config, set_, run_dir, data_root, dry_run, force)
-
-
-@app.command("synthesize")
-def synthesize(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-               dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Classifier-guided tiles per class (ImageFolder of PNGs + manifest); shards under accelerate."""
-    _stage("synthesize", config, set_, run_dir, data_root, dry_run, force)
-
-
 # -------------------------------------------------------------------- selection, evaluation
-@app.command("select")
-def select(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-           dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Keep synthetic tiles an auxiliary classifier confidently matches to their target class."""
-    _stage("select", config, set_, run_dir, data_root, dry_run, force)
-
-
-@app.command("evaluate")
-def evaluate(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-             dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Train the downstream classifier per arm and seed; test metrics with 95% CIs and paired gains."""
-    _stage("evaluate", config, set_, run_dir, data_root, dry_run, force)
-
-
-@app.command("evaluate-generation")
-def evaluate_generation(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-                        dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Frechet distance, KID, precision/recall and near-copies of the synthetic tiles, with real-vs-real floors."""
-    _stage("features", config, set_, run_dir, data_root, dry_run, False)
-    _stage("generation", config, set_, run_dir, data_root, dry_run, force)
-
-
-@app.command("report")
-def report(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None,
-           dry_run: DryRunOpt = False, data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-    """Write report.md, a self-contained report.html and results.json for the run."""
-    _stage("report", config, set_, run_dir, data_root, dry_run, force)
-
-
 @app.command("run")
 def run(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
         data_root: DataRootOpt = None,
