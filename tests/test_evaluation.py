@@ -105,7 +105,8 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
                  "pretrain/unet/config.json", f"finetune/{b}/classifier/config.json", f"finetune/{b}/adapt/unet",
                  f"conditional/{b}/unet/config.json", f"synthesize/{b}/guided/manifest.csv",
                  f"synthesize/{b}/unguided/manifest.csv", f"select/{b}/guided/accepted.csv",
-                 f"select/{b}/guided/rejected.csv", f"evaluate/{b}/summary.json", "report/report.md",
+                 f"select/{b}/guided/rejected.csv", f"evaluate/{b}/summary.json", "features/encoder/config.json",
+                 f"generation/{b}/generation.json", f"generation/{b}/closest_guided.png", "report/report.md",
                  "report/report.html", "report/results.json"):
         assert (rd.root / path).exists(), path
     summary = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())
@@ -117,7 +118,12 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
     assert len(list((rd.root / "evaluate" / b / "runs").glob("*.json"))) == 8
     results = json.loads((rd.root / "report" / "results.json").read_text())
     assert set(results) >= {"experiment", "data", "autoencoder", "pretrain", "budgets", "wall_seconds"}
-    assert set(results["budgets"][b]) >= {"latent_classifier", "acceptance_guided", "evaluation"}
+    assert set(results["budgets"][b]) >= {"latent_classifier", "acceptance_guided", "evaluation", "generation"}
+    gen = results["budgets"][b]["generation"]
+    assert set(gen["histology"]["sets"]) == {"unguided", "guided", "conditional", "selected"}
+    assert gen["histology"]["floor"]["n_real"] == 32 and gen["inception"] is None
+    assert set(gen["histology"]["per_class"]) == {"0_no_tumor", "1_metastatic_tumor"}
+    assert gen["memorization"]["guided"]["n_synthetic"] == 8
     html = (rd.root / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "real+selected" in html
     # A second run skips every stage.
