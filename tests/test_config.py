@@ -117,3 +117,12 @@ def test_hash_ignores_where_data_lives_but_not_what_it_is() -> None:
                                          (0.005, "0p5pct"), (20, "20perclass")])
 def test_budget_names(budget, name) -> None:
     assert budget_name(budget) == name
+
+
+def test_hash_ignores_settings_that_do_not_change_results() -> None:
+    a = config_from_dict(_raw())
+    b = config_from_dict(_raw(), ["pretrain.train.time_limit_minutes=30", "pretrain.train.checkpoint_every=7",
+                                  "autoencoder.train.log_every=3"])
+    c = config_from_dict(_raw(), ["pretrain.train.lr=0.123"])
+    assert a.section_hash("pretrain") == b.section_hash("pretrain")
+    assert a.section_hash("pretrain") != c.section_hash("pretrain")

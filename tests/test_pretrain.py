@@ -100,3 +100,50 @@ def test_interrupted_training_resumes_to_identical_weights(smoke_run: RunDir, sm
         assert torch.equal(a[k], b[k]), k
     log = [json.loads(x) for x in (interrupted.root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6]
+
+
+def test_sample_command_tiles_do_not_depend_on_batch_size(smoke_run: RunDir, smoke_cfg, tmp_path: Path) -> None:
+    from histodiffusion.stages.sample import sample_tiles
+
+    a = sample_tiles(smoke_cfg.model_copy(update={"sampling": smoke_cfg.sampling.model_copy(update={"batch_size": 5})}),
+                     smoke_run, 5, out=tmp_path / "a")
+    b = sample_tiles(smoke_cfg.model_copy(update={"sampling": smoke_cfg.sampling.model_copy(update={"batch_size": 2})}),
+                     smoke_run, 5, out=tmp_path / "b")
+    for k in range(5):
+        assert (a / f"{k:06d}.png").read_bytes() == (b / f"{k:06d}.png").read_bytes()
+    assert (a / "grid.png").is_file() and json.loads((a / "sampling.json").read_text())["num"] == 5
+
+
+def test_time_limit_pauses_and_rerun_continues(smoke_run: RunDir, smoke_cfg, tmp_path: Path) -> None:
+    import shutil
+
+    from histodiffusion.errors import StagePaused
+
+    cfg = smoke_cfg.model_copy(deep=True)
+    cfg.pretrain.train.steps = 400
+    cfg.pretrain.train.time_limit_minutes = 0.02  # about a second of training per invocation
+    rd = RunDir(tmp_path / "run")
+    for stage in ("data", "autoencoder", "latents"):
+        shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    with pytest.raises(StagePaused, match="Rerun the same command to continue"):
+        run_stage("pretrain", cfg, rd)
+    assert (rd.root / "pretrain" / "unet" / "config.json").is_file()  # the EMA so far is usable
+    first = max(int(p.name.split("-")[1]) for p in (rd.root / "pretrain" / "checkpoints").iterdir())
+    assert 0 < first < 400
+    cfg.pretrain.train.time_limit_minutes = None
+    run_stage("pretrain", cfg, rd)
+    assert json.loads((rd.root / "pretrain" / "DONE").read_text())["summary"]["steps"] == 400
+
+
+def test_perceptual_loss_without_weights_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchmetrics.image.lpip as lpip
+
+    from histodiffusion.errors import UserError
+    from histodiffusion.models.autoencoder import load_lpips
+
+    def offline(*_a, **_k):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(lpip, "LearnedPerceptualImagePatchSimilarity", offline)
+    with pytest.raises(UserError, match=r"VGG-16 weights.*perceptual_weight: 0"):
+        load_lpips()

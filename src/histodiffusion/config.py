@@ -464,7 +464,7 @@ class ExperimentConfig(_Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (dotted paths), leaving out settings that do not change
         results (where the data lives, worker counts, device)."""
-        full = self.to_dict()
+        full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS)
         for dotted in _NON_SEMANTIC:
             parent, _, leaf = dotted.rpartition(".")
             node = _get_path(full, parent) if parent else full
@@ -475,6 +475,17 @@ class ExperimentConfig(_Section):
 
 # ------------------------------------------------------------------------------------ loading
 _NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir")
+# Settings that never change a stage's results (exact resume makes checkpoint cadence irrelevant).
+_NON_SEMANTIC_KEYS = frozenset({"time_limit_minutes", "log_every", "checkpoint_every", "keep_checkpoints",
+                                "sample_every"})
+
+
+def _drop_keys(tree: Any, keys: frozenset[str]) -> Any:
+    if isinstance(tree, dict):
+        return {k: _drop_keys(v, keys) for k, v in tree.items() if k not in keys}
+    if isinstance(tree, list):
+        return [_drop_keys(v, keys) for v in tree]
+    return tree
 
 
 def _get_path(tree: dict, dotted: str) -> Any:
