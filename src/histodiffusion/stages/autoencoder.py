@@ -216,4 +216,4 @@ def load_vae(folder: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
 
 
 STAGE = register(Stage("autoencoder", ("data.resolution", "autoencoder", "seed"), ("data",), run,
-                       description="KL autoencoder + latent scale"))
+                       description="KL autoencoder + latent scale", distributed=True))

@@ -44,6 +44,8 @@ class Stage:
     fn: Callable[[StageContext], dict]
     per_budget: bool = False
     description: str = ""
+    distributed: bool = False
+    """Every process runs ``fn`` (training and synthesis under accelerate); else the main one only."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -95,9 +97,17 @@ def _command(stage: str) -> str:
 
 
 def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = False) -> list[dict]:
-    """Run one stage (every budget of a per-budget stage), skipping finished parts."""
+    """Run one stage (every budget of a per-budget stage), skipping finished parts.
+
+    Under ``accelerate launch`` only the main process does the bookkeeping and runs the
+    single-process stages; the others wait for it.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu")
     stage = STAGES[name]
-    run_dir.write_config(cfg)
+    if state.is_main_process:
+        run_dir.write_config(cfg)
     summaries = []
     for key, budget in stage_keys(stage, cfg):
         h = stage_hash(stage, cfg, run_dir, budget)
@@ -105,11 +115,18 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
             console.print(f"[dim]{key}: already done (config hash {h}); skipping. Use --force {name} to redo.[/]")
             summaries.append({"key": key, "skipped": True})
             continue
-        folder = run_dir.begin(key, h, force=force)
-        console.print(f"[bold cyan]{key}[/]: running in {folder}")
+        if state.is_main_process:
+            run_dir.begin(key, h, force=force)
+            console.print(f"[bold cyan]{key}[/]: running in {run_dir.stage_dir(key)}")
+        state.wait_for_everyone()
         t0 = time.time()
-        summary = stage.fn(StageContext(cfg, run_dir, folder, budget)) or {}
+        summary = {}
+        if stage.distributed or state.is_main_process:
+            summary = stage.fn(StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)) or {}
+        state.wait_for_everyone()
         summary["wall_seconds"] = round(time.time() - t0, 1)
-        run_dir.finish(key, h, summary)
+        if state.is_main_process:
+            run_dir.finish(key, h, summary)
+        state.wait_for_everyone()
         summaries.append({"key": key, **summary})
     return summaries

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig
@@ -49,9 +50,11 @@ def encode_split(cfg: ExperimentConfig, data: Path, vae_folder: Path, split: str
                  cap: int | None = None) -> tuple[LatentSet, torch.Tensor]:
     """Encode a split's tiles ('labeled/<budget>', 'valid', ...) once; returns latents and label indices."""
     cache, rows, labels = split_rows(data, split, cap, cfg.seed)
-    if not (out / "index.json").is_file():
+    state = PartialState()
+    if state.is_main_process and not (out / "index.json").is_file():
         device = inference_device(cfg.device)
         encode_to_shards(load_vae(vae_folder, device), cache, rows, out, device=device, progress=False)
+    state.wait_for_everyone()
     latents = LatentSet(out)
     label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
     return latents, torch.tensor([label_of[int(row)] for row in latents.rows], dtype=torch.long)
@@ -213,7 +216,7 @@ def run_conditional(ctx: StageContext) -> dict:
 
 
 FINETUNE = register(Stage("finetune", ("diffusion", "finetune", "seed"), ("data", "autoencoder", "pretrain"),
-                          run_finetune, per_budget=True, description="latent classifier + domain adaptation"))
+                          run_finetune, per_budget=True, description="latent classifier + domain adaptation", distributed=True))
 CONDITIONAL = register(Stage("conditional", ("diffusion", "pretrain.unet", "conditional", "seed"),
                              ("data", "autoencoder"), run_conditional, per_budget=True,
-                             description="class-conditional baseline, no pre-training"))
+                             description="class-conditional baseline, no pre-training", distributed=True))

@@ -179,4 +179,4 @@ def run_pretrain(ctx: StageContext) -> dict:
 LATENTS = register(Stage("latents", ("data.resolution", "autoencoder", "seed"), ("autoencoder",), run_latents,
                          description="encode the pool once"))
 PRETRAIN = register(Stage("pretrain", ("diffusion", "pretrain", "sampling", "seed"), ("latents",), run_pretrain,
-                          description="unconditional latent diffusion"))
+                          description="unconditional latent diffusion", distributed=True))

@@ -206,4 +206,4 @@ def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 STAGE = register(Stage("synthesize", ("synthesize", "sampling", "seed"), _upstream, run, per_budget=True,
-                       description="class-guided synthetic tiles"))
+                       description="class-guided synthetic tiles", distributed=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import math
 import re
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from histodiffusion import io
 from histodiffusion.errors import UserError
@@ -42,6 +44,10 @@ def resolve_mixed_precision(requested: str, device: str) -> str:
 def make_accelerator(device: str, mixed_precision: str) -> Accelerator:
     """An Accelerator for ``device`` (auto/cpu/cuda/mps); multi-process setup comes from the launcher."""
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    # Stages run one after another in one process (``histodiffusion run``) may use different
+    # precisions; accelerate keeps one global state, so reset its per-run part (the process
+    # group, PartialState, is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(mixed_precision, "cpu" if cpu else device))
 
 
@@ -144,13 +150,33 @@ class Checkpointer:
         return found[-1] if found else None
 
     def save(self, accelerator: Accelerator, step: int, meta: dict | None = None) -> Path:
-        """Save the full training state atomically (a half-written checkpoint is never 'latest')."""
+        """Save the full training state; a half-written checkpoint is never taken for the latest.
+
+        Every process writes its part (model shards, its RNG state) into one temporary folder;
+        the main process adds meta.json and renames the folder into place.
+        """
+        try:
+            return self._save(accelerator, step, meta)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise UserError(f"no space left on the device while writing a checkpoint under {self.root}. "
+                                "Free some space and rerun: training resumes from the last complete "
+                                "checkpoint.") from err
+            raise
+
+    def _save(self, accelerator: Accelerator, step: int, meta: dict | None) -> Path:
         path = self.root / f"step-{step:07d}"
+        tmp = self.root / f".step-{step:07d}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            with io.atomic_path(path) as tmp:
-                accelerator.save_state(str(tmp), safe_serialization=True)
-                io.write_json(tmp / "meta.json", {"step": step, "time": time.time(), **(meta or {})})
+            io.write_json(tmp / "meta.json", {"step": step, "time": time.time(), **(meta or {})})
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
             for _, old in self.all()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
