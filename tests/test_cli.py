@@ -150,3 +150,15 @@ def test_smoke_prepare_on_real_data(tmp_path: Path, data_root: Path) -> None:
     assert set(counts["pool"]["by_source"]) == {"ebhi", "lc25000", "nct_crc_he", "kather2016", "unlabeled_he"}
     rerun = cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--data-root", str(data_root), "--run-dir", str(run))
     assert rerun.returncode == 0 and "already done" in rerun.stderr
+
+
+def test_data_fetch_offline_says_where_to_put_files(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening: the offline case, on any machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = cli("data", "fetch", "nct_crc_he_100k", "--data-root", str(tmp_path),
+               env={"HISTODIFFUSION_ZENODO_API": f"http://127.0.0.1:{port}/api"})
+    msg = _user_error(proc)
+    assert "NCT-CRC-HE-100K.zip" in msg and str(tmp_path / "nct_crc_he_100k" / "downloads") in msg
