@@ -30,7 +30,7 @@ from histodiffusion.diffusion.losses import diffusion_loss
 from histodiffusion.diffusion.sampling import unet_eps_fn
 from histodiffusion.diffusion.schedules import training_scheduler
 from histodiffusion.io import write_json, write_text
-from histodiffusion.models.autoencoder import tiles_to_tensor
+from histodiffusion.models.autoencoder import normalize_latents, tiles_to_tensor
 from histodiffusion.stages.autoencoder import load_vae
 from histodiffusion.stages.pretrain import load_unet
 
@@ -56,7 +56,6 @@ def training_throughput(cfg, run: Path, steps: int, batch: int) -> dict:
     cache = TileCache(run / "data" / "cache" / "pool")
     sched = training_scheduler(cfg.diffusion)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
-    scale = vae.config.scaling_factor
 
     def step(z: torch.Tensor, g: torch.Generator) -> None:
         z = random_dihedral(z, g)
@@ -77,7 +76,7 @@ def training_throughput(cfg, run: Path, steps: int, batch: int) -> dict:
         rows = np.sort(torch.randint(0, len(cache), (batch,), generator=g).numpy())
         with torch.no_grad():
             dist = vae.encode(tiles_to_tensor(cache.take(rows))).latent_dist
-            z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * scale
+            z = normalize_latents(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g), vae.config)
         step(z, g)
 
     out = {}

@@ -217,6 +217,9 @@ class AutoencoderCfg(_Section):
     """Step at which the discriminator switches on."""
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     """Pool tiles held out for reconstruction PSNR/SSIM."""
+    latent_normalization: Literal["per_channel", "global"] = "per_channel"
+    """per_channel: zero mean, unit std per latent channel (stored as latents_mean/latents_std
+    beside scaling_factor); global: scaling_factor = 1 / std only (the original LDM)."""
     train_crop: Annotated[int, Field(ge=8)] | None = None
     """Train on random square crops of this edge (the convolutional autoencoder is applied to whole
     tiles afterwards, as in LDM); null: whole tiles. Crops cut the cost per step."""

@@ -1,14 +1,15 @@
 """Latent cache: tiles encoded once into posterior moments, stored as safetensors shards.
 
-Raw (unscaled) posterior mean and std are stored; the latent scale is applied just in time
-(edm2-style), so retraining nothing but the scale never needs a re-encode. LDM training samples
-z = (mean + std * n) * scaling_factor from the moments at every step and never touches images.
+Raw (unscaled) posterior mean and std are stored; the latent normalisation is applied just in
+time (edm2-style). LDM training samples z = mean + std * n from the moments at every step,
+normalises it with the autoencoder's stored statistics, and never touches images.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -18,7 +19,11 @@ from safetensors.torch import load_file, save_file
 from histodiffusion import io
 from histodiffusion.data.cache import TileCache
 from histodiffusion.errors import UserError
-from histodiffusion.models.autoencoder import tiles_to_tensor
+from histodiffusion.models.autoencoder import (
+    latent_normalization,
+    normalize_latents,
+    tiles_to_tensor,
+)
 from histodiffusion.progress import progress_bar
 
 INDEX = "index.json"
@@ -48,7 +53,9 @@ def encode_to_shards(vae: AutoencoderKL, cache: TileCache, rows: np.ndarray, fol
                                "rows": torch.as_tensor(chunk, dtype=torch.int64)}, str(tmp))
             shards.append(path.name)
             advance(len(chunk))
-    index = {"shards": shards, "n": int(len(rows)), "scaling_factor": float(vae.config.scaling_factor)}
+    sf, mean, std = latent_normalization(vae.config)
+    index = {"shards": shards, "n": int(len(rows)), "scaling_factor": sf,
+             "latents_mean": None if mean is None else mean.tolist(), "latents_std": None if std is None else std.tolist()}
     io.write_json(folder / INDEX, index)
     return index
 
@@ -65,7 +72,9 @@ class LatentSet:
         self.mean = torch.cat([p["mean"] for p in parts]).float().to(device)
         self.std = torch.cat([p["std"] for p in parts]).float().to(device)
         self.rows = torch.cat([p["rows"] for p in parts])
-        self.scaling_factor = float(index["scaling_factor"])
+        self.normalization = SimpleNamespace(scaling_factor=index["scaling_factor"],
+                                             latents_mean=index.get("latents_mean"),
+                                             latents_std=index.get("latents_std"))
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -76,8 +85,8 @@ class LatentSet:
         return tuple(self.mean.shape[1:])
 
     def sample(self, idx: torch.Tensor | np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        """Scaled posterior samples z = (mean + std * n) * scaling_factor at ``idx``."""
+        """Normalised posterior samples of the latents at ``idx`` (the diffusion model's space)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         mean, std = self.mean[idx], self.std[idx]
         noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return (mean + std * noise) * self.scaling_factor
+        return normalize_latents(mean + std * noise, self.normalization)

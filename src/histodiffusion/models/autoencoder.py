@@ -15,7 +15,8 @@ from histodiffusion.errors import UserError
 def build_autoencoder(arch: AutoencoderArch, resolution: int) -> AutoencoderKL:
     """An AutoencoderKL with ``len(arch.channels)`` levels (downsampling ``arch.downsample_factor``).
 
-    ``scaling_factor`` starts at 1 and is replaced by 1 / std of the pool's latents after training.
+    ``scaling_factor`` starts at 1; after training the measured latent normalisation (per-channel
+    mean and std, and the overall scale) is written into the config.
     """
     n = len(arch.channels)
     return AutoencoderKL(
@@ -39,9 +40,34 @@ def tensor_to_tiles(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def scaling_factor(vae: AutoencoderKL) -> float:
-    """The latent scale stored in the autoencoder's config (1 / std of the pool's latents)."""
-    return float(vae.config.scaling_factor)
+def latent_normalization(vae_config) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    """(scaling_factor, latents_mean, latents_std) from an autoencoder config (means/stds may be None)."""
+    mean = getattr(vae_config, "latents_mean", None)
+    std = getattr(vae_config, "latents_std", None)
+    return (float(vae_config.scaling_factor), None if mean is None else torch.tensor(mean),
+            None if std is None else torch.tensor(std))
+
+
+def normalize_latents(z: torch.Tensor, vae_config) -> torch.Tensor:
+    """Raw latents -> diffusion space: (z - latents_mean) * scaling_factor / latents_std.
+
+    The convention of diffusers' SDXL pipelines; without per-channel statistics it is
+    z * scaling_factor, the original LDM recipe.
+    """
+    sf, mean, std = latent_normalization(vae_config)
+    if mean is None or std is None:
+        return z * sf
+    shape = (1, -1) + (1,) * (z.ndim - 2)
+    return (z - mean.view(shape).to(z)) * sf / std.view(shape).to(z)
+
+
+def denormalize_latents(z_n: torch.Tensor, vae_config) -> torch.Tensor:
+    """Diffusion space -> raw latents (the inverse of :func:`normalize_latents`)."""
+    sf, mean, std = latent_normalization(vae_config)
+    if mean is None or std is None:
+        return z_n / sf
+    shape = (1, -1) + (1,) * (z_n.ndim - 2)
+    return z_n * std.view(shape).to(z_n) / sf + mean.view(shape).to(z_n)
 
 
 @torch.no_grad()
@@ -52,8 +78,8 @@ def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tens
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1] (divides by the stored scaling factor)."""
-    return vae.decode(latents / scaling_factor(vae)).sample.clamp(-1, 1)
+    """Normalised latents -> images in [-1, 1] (undoes the stored normalisation first)."""
+    return vae.decode(denormalize_latents(latents, vae.config)).sample.clamp(-1, 1)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

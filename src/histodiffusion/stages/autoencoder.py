@@ -1,8 +1,9 @@
 """Stage ``autoencoder``: train the KL autoencoder on pool tiles, measure the latent scale.
 
 Loss: L1 + ssim_weight (1 - SSIM) + kl_weight KL, plus optional LPIPS and a patch discriminator
-(hinge) from ``disc_start``. The latent scale (1 / std of the pool's latents, the LDM recipe) is
-written into the saved diffusers config as ``scaling_factor``: no magic constants downstream.
+(hinge) from ``disc_start``. The latent normalisation measured on the pool (1 / std, the LDM
+recipe, per channel by default) is written into the saved diffusers config (``scaling_factor``,
+``latents_mean``, ``latents_std``): no magic constants downstream.
 """
 
 from __future__ import annotations
@@ -97,16 +98,29 @@ def evaluate(vae: AutoencoderKL, cache: TileCache, rows: np.ndarray, device: tor
 
 
 @torch.no_grad()
-def measure_scale(vae: AutoencoderKL, cache: TileCache, rows: np.ndarray, device: torch.device,
-                  seed: int, batch_size: int = 64) -> float:
-    """1 / std of posterior samples of the pool's latents (Rombach et al. 2022, sec. 4.3 / G)."""
+def measure_normalization(vae: AutoencoderKL, cache: TileCache, rows: np.ndarray, device: torch.device,
+                          seed: int, per_channel: bool, batch_size: int = 64) -> dict:
+    """The latent normalisation measured on posterior samples of pool tiles.
+
+    global: scaling_factor = 1 / std of all latent values (Rombach et al. 2022, sec. 4.3).
+    per_channel: latents_mean = per-channel mean; scaling_factor = 1 / pooled per-channel std;
+    latents_std = per-channel std / pooled std, so (z - mean) * scaling_factor / latents_std has
+    zero mean and unit variance in every channel (a KL autoencoder with a tiny KL weight leaves
+    channel means far from 0, which an unnormalised diffusion model shows as colour casts).
+    """
     g = step_generator(seed, 0, stream=99)
     zs = []
     for i in range(0, len(rows), batch_size):
         x = tiles_to_tensor(cache.take(rows[i:i + batch_size])).to(device)
         dist = vae.encode(x).latent_dist
         zs.append((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)).cpu())
-    return float(1.0 / torch.cat(zs).float().std())
+    z = torch.cat(zs).double()
+    if not per_channel:
+        return {"scaling_factor": float(1.0 / z.std()), "latents_mean": None, "latents_std": None}
+    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+    pooled = float(std.pow(2).mean().sqrt())
+    return {"scaling_factor": 1.0 / pooled, "latents_mean": [float(v) for v in mean],
+            "latents_std": [float(v) / pooled for v in std]}
 
 
 def run(ctx: StageContext) -> dict:
@@ -195,15 +209,16 @@ def run(ctx: StageContext) -> dict:
                           "(train.time_limit_minutes); rerun the same command to continue.")
     model: AutoencoderKL = accelerator.unwrap_model(vae)
     metrics = evaluate(model, data.cache, data.holdout, device)
-    scale = measure_scale(model, data.cache, data.train[:SCALE_TILES], device, cfg.seed)
-    model.register_to_config(scaling_factor=scale)
-    metrics["scaling_factor"] = scale
+    norm = measure_normalization(model, data.cache, data.train[:SCALE_TILES], device, cfg.seed,
+                                 ae.latent_normalization == "per_channel")
+    model.register_to_config(**norm)
+    metrics.update(norm)
     if accelerator.is_main_process:
         with io.atomic_path(ctx.folder / MODEL) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
         io.write_json(ctx.folder / "metrics.json", metrics)
     console.print(f"autoencoder: held-out PSNR {metrics['psnr_db']:.2f} dB, SSIM {metrics['ssim']:.3f} "
-                  f"on {metrics['n_tiles']} tiles; latent scale {scale:.4f}")
+                  f"on {metrics['n_tiles']} tiles; latent scale {norm['scaling_factor']:.4f}")
     return metrics
 
 
