@@ -35,12 +35,11 @@ from histodiffusion.stages.base import Stage, StageContext, register
 from histodiffusion.training.loop import (
     LoopSpec,
     accumulate_step,
+    lr_multiplier,
     make_accelerator,
     run_loop,
     step_generator,
     step_rng,
-    warmup_constant,
-    warmup_cosine,
 )
 from histodiffusion.viz import grid, save_image
 
@@ -75,12 +74,6 @@ def _crop(x: torch.Tensor, size: int | None, g: torch.Generator) -> torch.Tensor
         return x
     top, left = (int(v) for v in torch.randint(0, x.shape[-1] - size + 1, (2,), generator=g))
     return x[..., top:top + size, left:left + size]
-
-
-def _lr_lambda(train):
-    if train.lr_schedule == "cosine":
-        return warmup_cosine(train.warmup_steps, train.steps)
-    return warmup_constant(train.warmup_steps)
 
 
 @torch.no_grad()
@@ -135,7 +128,7 @@ def run(ctx: StageContext) -> dict:
     # GAN-style betas (LDM) only when a discriminator takes part; plain Adam betas otherwise.
     betas = (0.5, 0.9) if ae.disc_weight > 0 else (0.9, 0.999)
     opt = torch.optim.AdamW(vae.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(train))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(train))
     disc = PatchDiscriminator() if ae.disc_weight > 0 else None
     lpips = load_lpips() if ae.perceptual_weight > 0 else None
     if disc is not None:

@@ -33,12 +33,11 @@ from histodiffusion.training.loop import (
     LoopSpec,
     accumulate_step,
     inference_device,
+    lr_multiplier,
     make_accelerator,
     run_loop,
     step_generator,
     step_rng,
-    warmup_constant,
-    warmup_cosine,
 )
 
 CLASSIFIER, ADAPT = "classifier", "adapt"
@@ -116,9 +115,7 @@ def train_classifier(cfg: ExperimentConfig, folder: Path, labeled: LatentSet, y:
     model = build_classifier(cfg, labeled.shape, classes)
     accelerator = make_accelerator(cfg.device, train.mixed_precision)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    lr = warmup_cosine(train.warmup_steps, train.steps) if train.lr_schedule == "cosine" else \
-        warmup_constant(train.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(train))
     model, opt, sched = accelerator.prepare(model, opt, sched)
     device, rank, T = accelerator.device, accelerator.process_index, scheduler.config.num_train_timesteps
     by_class = [torch.nonzero(y == k).flatten().numpy() for k in range(len(classes))]

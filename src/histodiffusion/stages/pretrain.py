@@ -27,12 +27,11 @@ from histodiffusion.training.loop import (
     LoopSpec,
     accumulate_step,
     inference_device,
+    lr_multiplier,
     make_accelerator,
     run_loop,
     step_generator,
     step_rng,
-    warmup_constant,
-    warmup_cosine,
 )
 from histodiffusion.viz import grid, save_image
 
@@ -47,11 +46,6 @@ def run_latents(ctx: StageContext) -> dict:
     device = inference_device(ctx.cfg.device)
     index = encode_to_shards(vae, cache, np.arange(len(cache)), ctx.folder / "pool", device=device)
     return {"n": index["n"], "scaling_factor": index["scaling_factor"]}
-
-
-def _lr_lambda(train):
-    return warmup_cosine(train.warmup_steps, train.steps) if train.lr_schedule == "cosine" else \
-        warmup_constant(train.warmup_steps)
 
 
 def preview(unet: UNet2DModel, vae, noise_scheduler: DDPMScheduler, cfg, n: int, device,
@@ -85,7 +79,7 @@ def train_diffusion(cfg, folder: Path, vae_folder: Path, unet: UNet2DModel, late
     noise_scheduler = training_scheduler(cfg.diffusion)
     accelerator = make_accelerator(cfg.device, train.mixed_precision)
     opt = torch.optim.AdamW(unet.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(train))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(train))
     ema = EMA(unet, train.ema_decay)
     accelerator.register_for_checkpointing(ema)
     unet, opt, sched = accelerator.prepare(unet, opt, sched)

@@ -126,6 +126,13 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Ca
     return f
 
 
+def lr_multiplier(train) -> Callable[[int], float]:
+    """The LR multiplier of a ``TrainCfg``: warm-up, then constant or cosine."""
+    if train.lr_schedule == "cosine":
+        return warmup_cosine(train.warmup_steps, train.steps)
+    return warmup_constant(train.warmup_steps)
+
+
 # ------------------------------------------------------------------------- checkpoints
 class Checkpointer:
     """``folder/checkpoints/step-000123/``: accelerate state + meta.json; the newest ``keep`` kept."""
