@@ -126,3 +126,12 @@ def test_hash_ignores_settings_that_do_not_change_results() -> None:
     c = config_from_dict(_raw(), ["pretrain.train.lr=0.123"])
     assert a.section_hash("pretrain") == b.section_hash("pretrain")
     assert a.section_hash("pretrain") != c.section_hash("pretrain")
+
+
+def test_every_config_key_is_documented() -> None:
+    """`histodiffusion config --keys` lists a meaning for every key (from the field docstrings)."""
+    from histodiffusion.config import describe_keys
+
+    rows = describe_keys()
+    assert len(rows) > 100
+    assert [path for path, _, text in rows if not text] == []

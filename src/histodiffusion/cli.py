@@ -172,9 +172,19 @@ def run(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_r
 
 # -------------------------------------------------------------------------------- config
 @app.command("config")
-def show_config(config: ConfigArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
-                data_root: DataRootOpt = None) -> None:
-    """Validate a config and print it resolved (preset and overrides applied)."""
+def show_config(config: Annotated[Path | None, typer.Argument(help="Experiment YAML file.")] = None,
+                set_: SetOpt = None, run_dir: RunDirOpt = None, data_root: DataRootOpt = None,
+                keys: Annotated[bool, typer.Option("--keys", help="List every config key with its meaning.")] = False,
+                ) -> None:
+    """Validate a config and print it resolved (preset and overrides applied), or list every key."""
+    if keys:
+        from histodiffusion.config import describe_keys
+
+        for path, kind, text in describe_keys():
+            typer.echo(f"{path:<48} {kind:<28} {text}")
+        return
+    if config is None:
+        raise UserError("give a CONFIG file (or --keys to list the config keys)")
     _dry_run(_load(config, set_, run_dir, data_root))
 
 

@@ -160,7 +160,9 @@ class TrainCfg(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: constant, or cosine decay to 10% of the peak."""
     warmup_steps: Annotated[int, Field(ge=0)] = 100
+    """Linear learning-rate warm-up from 0 over this many steps."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    """AdamW weight decay."""
     grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
     """Clip the gradient norm to this value (null: no clipping)."""
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
@@ -168,7 +170,9 @@ class TrainCfg(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that supports it, fp32 on a CPU."""
     log_every: Annotated[int, Field(ge=1)] = 50
+    """Append averaged metrics to metrics.jsonl every this many steps."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 500
+    """Save the full training state every this many steps (resume point)."""
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     """Keep this many newest checkpoints (rotation)."""
     time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None
@@ -184,9 +188,11 @@ class AutoencoderArch(_Section):
     channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2)] = [64, 128, 128]
     """Channels per resolution level: log2(downsample_factor) + 1 entries."""
     layers_per_block: Annotated[int, Field(ge=1)] = 1
+    """ResNet blocks per resolution level of the encoder (the decoder has one more)."""
     latent_channels: Annotated[int, Field(ge=1)] = 3
     """Channels of the latent (the paper: 3)."""
     norm_num_groups: Annotated[int, Field(ge=1)] = 32
+    """GroupNorm groups (must divide every entry of channels)."""
     mid_attention: bool = False
     """Self-attention in the bottleneck (costly at high resolution)."""
 
@@ -207,6 +213,7 @@ class AutoencoderCfg(_Section):
     arch: AutoencoderArch = AutoencoderArch()
     train: TrainCfg = TrainCfg(lr=2e-4, steps=4000, batch_size=32, ema_decay=0.0)
     kl_weight: Annotated[float, Field(ge=0.0)] = 1e-6
+    """Weight of the KL term relative to the L1 term summed over pixels (LDM's 1e-6)."""
     ssim_weight: Annotated[float, Field(ge=0.0)] = 0.2
     """Weight of (1 - SSIM) beside the L1 term."""
     perceptual_weight: Annotated[float, Field(ge=0.0)] = 0.0
@@ -231,11 +238,15 @@ class UNetArch(_Section):
     channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [64, 128, 256]
     """Channels per resolution level."""
     layers_per_block: Annotated[int, Field(ge=1)] = 2
+    """ResNet blocks per level on the way down (one more on the way up)."""
     attention_resolutions: list[int] = [8]
     """Latent edge lengths (in latent pixels) whose level has self-attention."""
     attention_head_dim: Annotated[int, Field(ge=1)] = 32
+    """Channels per attention head."""
     norm_num_groups: Annotated[int, Field(ge=1)] = 32
+    """GroupNorm groups (must divide every entry of channels)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Dropout in the ResNet blocks."""
 
     @model_validator(mode="after")
     def _groups(self) -> UNetArch:
@@ -248,12 +259,16 @@ class DiffusionCfg(_Section):
     """Forward process and training objective (shared by pre-training, fine-tuning, sampling)."""
 
     num_train_timesteps: Annotated[int, Field(ge=10)] = 1000
+    """Length T of the forward process."""
     schedule: Literal["sqrt_linear", "linear", "cosine"] = "sqrt_linear"
     """sqrt_linear: LDM's 'linear' schedule, sqrt(beta) linear in t (diffusers 'scaled_linear');
     linear: beta linear in t; cosine: Nichol & Dhariwal 2021."""
     beta_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.0015
+    """beta_1 (the paper: 0.0015); ignored by the cosine schedule."""
     beta_end: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.0155
+    """beta_T (the paper: 0.0155); ignored by the cosine schedule."""
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the UNet predicts: the noise (epsilon) or v = sqrt(a) eps - sqrt(1 - a) x_0."""
     min_snr_gamma: Annotated[float, Field(gt=0.0)] | None = None
     """Min-SNR loss weighting (Hang et al. 2023) with this gamma (null: uniform)."""
 
@@ -277,9 +292,11 @@ class SamplingCfg(_Section):
     sampler: Literal["ddim", "dpmpp", "ddpm"] = "ddim"
     """ddim (any step count, eta), dpmpp (DPM-Solver++ 2M, any step count) or ddpm."""
     num_steps: Annotated[int, Field(ge=1, le=1000)] = 50
+    """Sampling steps (any count: the timesteps are spaced over the trained process)."""
     eta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """DDIM stochasticity (0: deterministic)."""
     batch_size: Annotated[int, Field(ge=1)] = 64
+    """Tiles sampled together (the tiles do not depend on it)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Autocast dtype for the UNet and decoder during sampling."""
 
@@ -289,11 +306,17 @@ class LatentClassifierCfg(_Section):
     """Noise-aware latent classifier p(y | x_t, t) (guided-diffusion recipe, in latent space)."""
 
     channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [64, 128, 128]
+    """Channels per resolution level of the encoder."""
     layers_per_block: Annotated[int, Field(ge=1)] = 1
+    """ResNet blocks per level."""
     attention_resolutions: list[int] = []
+    """Latent edge lengths whose level has self-attention (none by default)."""
     attention_head_dim: Annotated[int, Field(ge=1)] = 32
+    """Channels per attention head."""
     norm_num_groups: Annotated[int, Field(ge=1)] = 32
+    """GroupNorm groups."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """Dropout in the ResNet blocks (the labeled subsets are small)."""
     train: TrainCfg = TrainCfg(steps=3000, batch_size=64, lr=3e-4, weight_decay=0.05, ema_decay=0.0,
                                warmup_steps=100)
     eval_every: Annotated[int, Field(ge=1)] = 250
@@ -316,6 +339,7 @@ class ConditionalCfg(_Section):
     trained class-conditionally on the labeled subset only, with no pre-training."""
 
     enabled: bool = False
+    """Train the baseline (needed by the 'conditional' generator and the fourth arm)."""
     train: TrainCfg = TrainCfg(steps=4000, batch_size=32, lr=2e-4, ema_decay=0.999, warmup_steps=100)
 
 
@@ -330,6 +354,7 @@ class SynthesizeCfg(_Section):
     multiple_of_real: Annotated[float, Field(gt=0.0)] = 3.0
     """Tiles per class = this x the class's labeled count (the paper tried 0.5, 1 and 3)."""
     guidance_scale: Annotated[float, Field(ge=0.0)] = 3.0
+    """Classifier-guidance scale s (0: unguided)."""
     class_scales: dict[str, Annotated[float, Field(ge=0.0)]] = {}
     """Per-class guidance scale overriding ``guidance_scale`` (keys: class names)."""
     guidance_max_timestep: Annotated[int, Field(ge=0)] | None = None
@@ -343,10 +368,15 @@ class ImageClassifierCfg(_Section):
     backbone: str = "resnet18"
     """timm model name (created with pretrained=False)."""
     steps: Annotated[int, Field(ge=1)] = 600
+    """Optimiser steps (cosine learning-rate decay to 0)."""
     batch_size: Annotated[int, Field(ge=1)] = 64
+    """Tiles per step."""
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
+    """Peak AdamW learning rate."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.05
+    """AdamW weight decay."""
     warmup_steps: Annotated[int, Field(ge=0)] = 50
+    """Linear warm-up steps."""
     eval_every: Annotated[int, Field(ge=1)] = 100
     """Evaluate on the valid split every this many steps; the best (balanced accuracy) is kept."""
     eval_max: Annotated[int, Field(ge=1)] = 1024
@@ -402,8 +432,11 @@ class GenerationCfg(_Section):
     encoder_backbone: str = "resnet18"
     """timm backbone of the self-supervised (SimCLR) histology feature encoder trained on the pool."""
     encoder_steps: Annotated[int, Field(ge=1)] = 600
+    """SimCLR training steps."""
     encoder_batch_size: Annotated[int, Field(ge=2)] = 64
+    """Tiles per SimCLR step (two augmented views each)."""
     encoder_lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    """Peak AdamW learning rate of the encoder."""
     max_real: Annotated[int, Field(ge=4)] = 2000
     """At most this many real held-out (valid) tiles as the reference set (stratified)."""
     inception_weights: str | None = None
@@ -411,6 +444,7 @@ class GenerationCfg(_Section):
     knn_k: Annotated[int, Field(ge=1)] = 3
     """k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019)."""
     kid_subset_size: Annotated[int, Field(ge=2)] = 500
+    """Subset size of the KID estimate (clipped to the smaller set)."""
     near_copy_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
     """A synthetic tile is a near-copy when it is closer to a labeled tile than this quantile of
     real held-out tiles are."""
@@ -639,3 +673,32 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     return config_from_dict(raw if raw is not None else {}, overrides, source=str(path))
+
+
+def describe_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, description) of every config key, from the field docstrings."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        sub = _find_model(field.annotation)
+        if sub is not None and typing.get_origin(field.annotation) is not list:
+            rows += describe_keys(sub, f"{path}.")
+            continue
+        rows.append((path, _type_name(field.annotation), " ".join((field.description or "").split())))
+    return rows
+
+
+def _type_name(ann: Any) -> str:
+    """A short, readable name of a field's type (for ``histodiffusion config --keys``)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "/".join(str(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
