@@ -49,6 +49,9 @@ AUTOENCODERS = {
 }
 UNET_SMALL = ["pretrain.unet.channels=[64,128,128]", "pretrain.unet.layers_per_block=1"]
 UNET_WIDE = ["pretrain.unet.channels=[96,192,192]", "pretrain.unet.layers_per_block=2"]
+UNET_MID = ["pretrain.unet.channels=[64,128,256]", "pretrain.unet.layers_per_block=1"]
+V_MINSNR = ["diffusion.prediction_type=v_prediction", "diffusion.min_snr_gamma=5"]
+BF16 = ["pretrain.train.mixed_precision=bf16"]
 # name: (autoencoder, LDM overrides, what it tests)
 TRIALS = {
     "A-64f4-eps": ("64px-f4", UNET_SMALL, "64 px, f=4 (16x16x3), 4.4M UNet, eps, sqrt-linear, lr 5e-4, fp32"),
@@ -57,10 +60,16 @@ TRIALS = {
                                                  "diffusion.min_snr_gamma=5"], "A with v-prediction + min-SNR-5"),
     "D-64f4-cosine": ("64px-f4", UNET_SMALL + ["diffusion.schedule=cosine"], "A with the cosine schedule"),
     "E-64f4-lr2e-4": ("64px-f4", UNET_SMALL + ["pretrain.train.lr=2e-4"], "A with lr 2e-4"),
-    "F-32f4-wide": ("32px-f4", UNET_WIDE, "32 px, f=4 (8x8x3), 14.5M UNet, eps, lr 5e-4"),
-    "G-64f8-wide": ("64px-f8", UNET_WIDE, "64 px, f=8 (8x8x4), 14.5M UNet, eps, lr 5e-4"),
+    "F-32f4-wide-v-bf16": ("32px-f4", UNET_WIDE + V_MINSNR + BF16,
+                           "32 px, f=4 (8x8x3), 14.5M UNet, v + min-SNR-5, bf16"),
+    "G-64f8-wide-v-bf16": ("64px-f8", UNET_WIDE + V_MINSNR + BF16,
+                           "64 px, f=8 (8x8x4), 14.5M UNet, v + min-SNR-5, bf16"),
     "H-64f4-eps-perchannel": ("64px-f4-pc", UNET_SMALL, "A with per-channel latent normalisation (mean 0, std 1 "
                               "per channel) instead of one global scale"),
+    "I-64f4-v-bf16-perchannel": ("64px-f4-pc", UNET_SMALL + V_MINSNR + BF16,
+                                 "64 px, f=4, 4.4M UNet, v + min-SNR-5, bf16, per-channel normalisation"),
+    "J-64f4-mid-v-bf16-perchannel": ("64px-f4-pc", UNET_MID + V_MINSNR + BF16,
+                                     "I with a 10.9M UNet (64,128,256)"),
 }
 
 
@@ -126,8 +135,9 @@ def markdown(rows: list[dict], aes: dict, command: str) -> str:
     for key, m in aes.items():
         lines.append(f"| {key} | - | {m['wall_seconds'] / 60:.1f} | {m['psnr_db']:.2f} | {m['ssim']:.3f} | "
                      f"{m['scaling_factor']:.3f} |")
-    lines += ["", "Trials A-G were run with the global latent scale (the original LDM recipe); H with the "
-              "per-channel normalisation that became the default.", "",
+    lines += ["", "Trials A-G used the global latent scale (the original LDM recipe); H-J the per-channel "
+              "normalisation that became the default. Final losses are not comparable across objectives "
+              "(eps vs v, min-SNR weighting) or schedules.", "",
               "| trial | setting | steps | wall (min) | final loss | latents/s | samples |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
