@@ -19,6 +19,13 @@ from rich.progress import (
 console = Console(stderr=True, highlight=False)
 
 
+def warn(message: str) -> None:
+    """Print a warning a user should read (no Python source line, unlike ``warnings.warn``)."""
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True,
                  unit: str = "") -> Iterator[Callable[..., None]]:

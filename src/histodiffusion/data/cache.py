@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from histodiffusion import io
 from histodiffusion.data.images import ImageReadError
 from histodiffusion.data.sources import Record, load_record
 from histodiffusion.errors import UserError
-from histodiffusion.progress import progress_bar
+from histodiffusion.progress import progress_bar, warn
 
 INDEX = "index.json"
 
@@ -92,8 +91,7 @@ def build_cache(records: Sequence[Record], resolution: int, folder: Path, shard_
     summary = CacheSummary(len(paths), len(kept), bad)
     if bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        warnings.warn(f"{name or folder}: skipped {len(bad)} unreadable file(s) of {len(paths)}:\n  {shown}",
-                      stacklevel=2)
+        warn(f"{name or folder}: skipped {len(bad)} unreadable file(s) of {len(paths)}:\n  {shown}")
     if summary.bad_fraction > max_bad_fraction:
         raise UserError(
             f"{name or folder}: {len(bad)} of {len(paths)} files ({summary.bad_fraction:.1%}) could not be "
