@@ -119,6 +119,35 @@ def run_trial(config: Path, work: Path, name: str, minutes: float, ae: RunDir) -
             "grid": f"pretrain_trials/{name}.png"}
 
 
+def score(work: Path, trials: dict, seed: int = 0) -> None:
+    """KID and FD of every trial's 64 samples vs 1024 real pool tiles, in a SimCLR histology feature
+    space trained on the 64 px pool (the same encoder for every trial; 32 px samples are upsampled)."""
+    from histodiffusion.metrics.generation import frechet_distance, kernel_inception_distance
+    from histodiffusion.models.features import (
+        extract_features,
+        load_encoder,
+        save_encoder,
+        train_feature_encoder,
+    )
+
+    cache = TileCache(work / "ae-64px-f4" / "data" / "cache" / "pool")
+    folder = work / "features-encoder"
+    if not (folder / "config.json").is_file():
+        encoder = train_feature_encoder(cache.take(np.arange(len(cache))), 600, 64, 1e-3, seed, "resnet18")
+        save_encoder(encoder, folder)
+    encoder = load_encoder(folder)
+    rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(1024, len(cache)), replace=False))
+    real = extract_features(encoder, cache.take(rows)).astype(np.float64)
+    for name, record in trials.items():
+        samples = work / name / "samples.npy"
+        if not samples.is_file():
+            continue
+        fake = extract_features(encoder, np.load(samples)).astype(np.float64)
+        kid, kid_std = kernel_inception_distance(real, fake, subset_size=len(fake))
+        record.update({"kid": round(kid, 5), "kid_std": round(kid_std, 5), "fd": round(frechet_distance(real, fake), 4),
+                       "n_real": len(real), "n_samples": len(fake)})
+
+
 def real_grid(ae: RunDir, resolution: int) -> None:
     """A grid of real pool tiles at the trial's resolution, to put beside the samples."""
     cache = TileCache(ae.root / "data" / "cache" / "pool")
@@ -135,14 +164,16 @@ def markdown(rows: list[dict], aes: dict, command: str) -> str:
     for key, m in aes.items():
         lines.append(f"| {key} | - | {m['wall_seconds'] / 60:.1f} | {m['psnr_db']:.2f} | {m['ssim']:.3f} | "
                      f"{m['scaling_factor']:.3f} |")
-    lines += ["", "Trials A-G used the global latent scale (the original LDM recipe); H-J the per-channel "
+    lines += ["", "KID and FD: the 64 samples of each trial vs 1024 real pool tiles in a SimCLR (ResNet-18) feature "
+              "space trained on the 64 px pool; lower is better; FD with 64 samples is biased upwards, KID is not.",
+              "", "Trials A-G used the global latent scale (the original LDM recipe); H-J the per-channel "
               "normalisation that became the default. Final losses are not comparable across objectives "
               "(eps vs v, min-SNR weighting) or schedules.", "",
-              "| trial | setting | steps | wall (min) | final loss | latents/s | samples |",
-              "|---|---|---|---|---|---|---|"]
+              "| trial | setting | steps | wall (min) | final loss | latents/s | KID | FD | samples |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['trial']} | {r['what']} | {r['steps']} | {r['wall_minutes']} | {r['final_loss']} | "
-                     f"{r['latents_per_s']} | ![]({r['grid']}) |")
+                     f"{r['latents_per_s']} | {r.get('kid', '-')} | {r.get('fd', '-')} | ![]({r['grid']}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +184,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=12.0)
     ap.add_argument("--ae-steps", type=int, default=2000)
     ap.add_argument("--only", default="", help="comma-separated trial names")
+    ap.add_argument("--score-only", action="store_true", help="only (re)score the trials already run")
     args = ap.parse_args()
-    names = [n for n in TRIALS if not args.only or n in args.only.split(",")]
+    names = [] if args.score_only else [n for n in TRIALS if not args.only or n in args.only.split(",")]
     results_file = OUT / "trials.json"
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {"trials": {}, "autoencoders": {}}
     aes: dict[str, tuple[RunDir, dict]] = {}
@@ -167,6 +199,8 @@ def main() -> None:
         previous["trials"][name] = run_trial(args.config, args.work, name, args.minutes, aes[key][0])
         write_json(results_file, previous)
         print(json.dumps(previous["trials"][name]), flush=True)
+    score(args.work, previous["trials"])
+    write_json(results_file, previous)
     command = "python bench/pretrain_trials.py " + " ".join(sys.argv[1:])
     write_text(OUT / "trials.md", markdown(list(previous["trials"].values()), previous["autoencoders"], command))
 
