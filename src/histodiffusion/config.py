@@ -267,10 +267,11 @@ class DiffusionCfg(_Section):
     """beta_1 (the paper: 0.0015); ignored by the cosine schedule."""
     beta_end: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.0155
     """beta_T (the paper: 0.0155); ignored by the cosine schedule."""
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    """What the UNet predicts: the noise (epsilon) or v = sqrt(a) eps - sqrt(1 - a) x_0."""
-    min_snr_gamma: Annotated[float, Field(gt=0.0)] | None = None
-    """Min-SNR loss weighting (Hang et al. 2023) with this gamma (null: uniform)."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    """What the UNet predicts: the noise (epsilon, the paper) or v = sqrt(a) eps - sqrt(1 - a) x_0
+    (default: in bench/results/pretrain_trials it gave tissue colours where epsilon gave colour casts)."""
+    min_snr_gamma: Annotated[float, Field(gt=0.0)] | None = 5.0
+    """Min-SNR loss weighting (Hang et al. 2023) with this gamma (null: uniform, the paper)."""
 
 
 class PretrainCfg(_Section):

@@ -60,6 +60,7 @@ PRESETS: dict[str, dict] = {
     # The paper's sizes (GPU): 256 px, f=4, 3 latent channels, 192-channel UNet (1,2,2,4,4).
     "paper": {
         "data": {"resolution": 256},
+        "diffusion": {"prediction_type": "epsilon", "min_snr_gamma": None},
         "autoencoder": {
             "arch": {"downsample_factor": 4, "channels": [128, 256, 512], "layers_per_block": 2,
                      "latent_channels": 3, "norm_num_groups": 32, "mid_attention": True},
