@@ -52,16 +52,17 @@ class _Const(torch.nn.Module):
         return type("O", (), {"sample": self.out})()
 
 
-def test_min_snr_weighting_golden() -> None:
-    s = training_scheduler(DiffusionCfg())
-    x0, noise = torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_golden(prediction_type: str) -> None:
+    s = training_scheduler(DiffusionCfg(prediction_type=prediction_type))
+    x0, noise = torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)  # so the eps and v targets are both 0
     t = torch.tensor([5, 900])
     pred = torch.ones(2, 1, 1, 1)  # squared error 1 per sample
     a = s.alphas_cumprod[t]
     snr = a / (1 - a)
-    expected = (snr.clamp(max=5.0) / snr).mean()
+    weight = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
     got = diffusion_loss(_Const(pred), s, x0, noise, t, min_snr_gamma=5.0)
-    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    assert float(got) == pytest.approx(float(weight.mean()), rel=1e-5)
     assert float(diffusion_loss(_Const(pred), s, x0, noise, t)) == pytest.approx(1.0)
 
 
