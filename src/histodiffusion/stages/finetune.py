@@ -203,6 +203,7 @@ def run_conditional(ctx: StageContext) -> dict:
     data, vae_folder = ctx.upstream("data"), ctx.upstream("autoencoder")
     classes = io.read_json(data / "classes.json")
     labeled, y = encode_split(cfg, data, vae_folder, f"labeled/{ctx.budget_name}", ctx.folder / "latents")
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     unet = build_unet(cfg.pretrain.unet, labeled.shape[1], labeled.shape[0], num_classes=len(classes))
     console.print(f"conditional baseline {ctx.budget_name}: UNet {count_parameters(unet) / 1e6:.2f}M from scratch "
                   f"on {len(labeled)} labeled latents")

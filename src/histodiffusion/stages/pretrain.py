@@ -159,6 +159,7 @@ def run_pretrain(ctx: StageContext) -> dict:
     pt = ctx.cfg.pretrain
     latents = LatentSet(ctx.upstream("latents") / "pool")
     c, h, _ = latents.shape
+    torch.manual_seed(ctx.cfg.seed)  # the initial weights depend on the seed alone
     unet = build_unet(pt.unet, h, c)
     console.print(f"pretrain: UNet {count_parameters(unet) / 1e6:.2f}M parameters on {len(latents)} latents "
                   f"of shape {latents.shape}; {pt.train.steps} steps of {pt.train.batch_size}")
