@@ -40,22 +40,34 @@ PRESETS: dict[str, dict] = {
         "generation": {"encoder_backbone": "resnet10t", "encoder_steps": 3, "encoder_batch_size": 16,
                        "max_real": 64, "kid_subset_size": 16},
     },
-    # A 2-core CPU: autoencoder + LDM pre-training within about three hours together.
+    # A 2-core CPU: one task at one label budget end to end in about two hours (bench/README.md).
+    # Objective, normalisation and bf16 chosen by the trials in bench/results/pretrain_trials.
     "cpu": {
         "data": {"resolution": 64},
         "autoencoder": {
             "arch": {"downsample_factor": 4, "channels": [32, 64, 64], "latent_channels": 3,
                      "norm_num_groups": 16},
-            "train": _train(3000, 32, lr=1e-3, warmup_steps=100, checkpoint_every=500, ema_decay=0.0),
+            "train": _train(2000, 32, lr=1e-3, warmup_steps=100, checkpoint_every=500, ema_decay=0.0),
             "train_crop": 32,
         },
         "pretrain": {
             "unet": {"channels": [64, 128, 128], "layers_per_block": 1, "attention_resolutions": [4],
                      "attention_head_dim": 32, "norm_num_groups": 32},
-            "train": _train(8000, 64, lr=5e-4, warmup_steps=200, checkpoint_every=500, ema_decay=0.999),
+            "train": _train(4000, 64, lr=5e-4, warmup_steps=200, checkpoint_every=500, ema_decay=0.999,
+                            mixed_precision="bf16"),
             "sample_every": 1000,
         },
         "sampling": {"sampler": "ddim", "num_steps": 50, "batch_size": 64},
+        "finetune": {
+            "train": _train(600, 32, lr=5e-5, ema_decay=0.995, warmup_steps=50, mixed_precision="bf16"),
+            "classifier": {"train": _train(1500, 64, lr=3e-4, weight_decay=0.05, ema_decay=0.0, warmup_steps=100,
+                                           mixed_precision="bf16")},
+        },
+        "conditional": {"train": _train(1500, 32, lr=2e-4, ema_decay=0.999, warmup_steps=100,
+                                        mixed_precision="bf16")},
+        "select": {"classifier": {"steps": 300, "eval_every": 50, "precision": "bf16"}},
+        "evaluate": {"classifier": {"steps": 300, "eval_every": 50, "precision": "bf16"}},
+        "generation": {"encoder_steps": 300, "max_real": 1000},
     },
     # The paper's sizes (GPU): 256 px, f=4, 3 latent channels, 192-channel UNet (1,2,2,4,4).
     "paper": {
