@@ -164,16 +164,20 @@ def markdown(rows: list[dict], aes: dict, command: str) -> str:
     for key, m in aes.items():
         lines.append(f"| {key} | - | {m['wall_seconds'] / 60:.1f} | {m['psnr_db']:.2f} | {m['ssim']:.3f} | "
                      f"{m['scaling_factor']:.3f} |")
-    lines += ["", "KID and FD: the 64 samples of each trial vs 1024 real pool tiles in a SimCLR (ResNet-18) feature "
-              "space trained on the 64 px pool; lower is better; FD with 64 samples is biased upwards, KID is not.",
-              "", "Trials A-G used the global latent scale (the original LDM recipe); H-J the per-channel "
+    scored = any("kid" in r for r in rows)
+    if scored:
+        lines += ["", "KID and FD: the 64 samples of each trial vs 1024 real pool tiles in a SimCLR (ResNet-18) "
+                  "feature space trained on the 64 px pool; lower is better; FD with 64 samples is biased upwards, "
+                  "KID is not."]
+    lines += ["", "Trials A-G used the global latent scale (the original LDM recipe); H and later the per-channel "
               "normalisation that became the default. Final losses are not comparable across objectives "
               "(eps vs v, min-SNR weighting) or schedules.", "",
-              "| trial | setting | steps | wall (min) | final loss | latents/s | KID | FD | samples |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| trial | setting | steps | wall (min) | final loss | latents/s |" + (" KID | FD |" if scored else "")
+              + " samples |", "|---|---|---|---|---|---|" + ("---|---|" if scored else "") + "---|"]
     for r in rows:
         lines.append(f"| {r['trial']} | {r['what']} | {r['steps']} | {r['wall_minutes']} | {r['final_loss']} | "
-                     f"{r['latents_per_s']} | {r.get('kid', '-')} | {r.get('fd', '-')} | ![]({r['grid']}) |")
+                     f"{r['latents_per_s']} |" + (f" {r.get('kid', '-')} | {r.get('fd', '-')} |" if scored else "")
+                     + f" ![]({r['grid'].split('/')[-1]}) |")
     return "\n".join(lines) + "\n"
 
 
