@@ -119,3 +119,14 @@ def test_synthesize_stage_outputs(smoke_run, smoke_cfg) -> None:
     run_stage("synthesize", smoke_cfg, smoke_run)
     assert lost.read_bytes() == first
     assert kept.stat().st_mtime_ns == kept_mtime
+
+
+def test_sampling_keeps_no_autograd_graph_across_steps(models) -> None:
+    """Callers need no torch.no_grad(): a graph chained over 50 steps ran a 64-tile batch out of memory."""
+    unet, clf, s = models
+    gens = [sample_generator(0, k) for k in range(3)]
+    eps_fn = guided_eps(unet_eps_fn(unet, "epsilon", s.alphas_cumprod), clf, torch.tensor([0, 1, 2]), 3.0,
+                        s.alphas_cumprod)
+    x = sample_loop(eps_fn, sampling_scheduler("ddim", s), initial_noise((3, 8, 8), gens), 5, gens)
+    assert x.grad_fn is None and not x.requires_grad
+    assert torch.equal(x, _run(models, "ddim", 5, 3.0))

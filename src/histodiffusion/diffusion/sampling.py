@@ -42,6 +42,7 @@ def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator],
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
 
 
+@torch.no_grad()  # guidance turns gradients on for its own classifier call only
 def sample_loop(eps_fn: EpsFn, scheduler: SchedulerMixin, x_T: torch.Tensor, num_steps: int,
                 generators: Sequence[torch.Generator] | None = None, eta: float = 0.0,
                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
