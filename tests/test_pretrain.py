@@ -129,7 +129,7 @@ def test_sample_command_tiles_do_not_depend_on_batch_size(smoke_run: RunDir, smo
     for k in range(5):
         ta, tb = (np.asarray(Image.open(d / f"{k:06d}.png"), dtype=int) for d in (a, b))
         # the same noise per tile; batched kernels may round differently by one grey level on some CPUs
-        assert np.abs(ta - tb).max() <= 1 and np.mean(ta != tb) < 0.01
+        assert np.abs(ta - tb).max() <= 1 and np.mean(ta != tb) < 0.05
     assert (a / "grid.png").is_file() and json.loads((a / "sampling.json").read_text())["num"] == 5
 
 

@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
         "generation": {"encoder_backbone": "resnet10t", "encoder_steps": 3, "encoder_batch_size": 16,
                        "max_real": 64, "kid_subset_size": 16},
     },
-    # A 2-core CPU: one task at one label budget end to end in about two hours (bench/README.md).
+    # A 2-core CPU: one task at one label budget end to end in about two hours (bench/results/pcam-fewlabel/README.md).
     # Objective, normalisation and bf16 chosen by the trials in bench/results/pretrain_trials.
     "cpu": {
         "data": {"resolution": 64},
