@@ -4,14 +4,16 @@
 
 Runs (or resumes) ``histodiffusion run`` for the task, then writes, per label budget,
 ``bench/results/<task>/<budget>/summary.json`` (arms with mean and 95% CI, paired gains vs
-real, wall seconds per stage, command, machine) and ``report.html`` beside it, and
+real, wall seconds per stage, command, machine), ``bench/results/<task>/report/`` (``report.md`` and
+the figures it shows; the self-contained ``report.html`` stays in the run directory: it embeds
+every figure and is too large for the repository), and
 ``bench/results/<task>/generation.{json,md}`` (distances, floors, precision/recall, near-copies).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import re
 import sys
 from pathlib import Path
 
@@ -60,6 +62,14 @@ def generation_table(task: str, gens: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def copy_report(src: Path, dst: Path) -> None:
+    """``report.md`` and the images it links to (not the self-contained HTML, which repeats them)."""
+    text = (src / "report.md").read_text()
+    for name in sorted(set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))):
+        io.write_bytes(dst / name, (src / name).read_bytes())
+    io.write_text(dst / "report.md", text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", type=Path, required=True)
@@ -81,10 +91,10 @@ def main() -> None:
         summary = io.read_json(rd.root / "evaluate" / name / "summary.json")
         summary.update({"wall_seconds": stage_seconds(seconds, name), "command": command, "machine": machine()})
         io.write_json(out / name / "summary.json", summary)
-        shutil.copy(rd.root / "report" / "report.html", out / name / "report.html")
         gen = rd.root / "generation" / name / "generation.json"
         if gen.is_file():
             gens[name] = io.read_json(gen)
+    copy_report(rd.root / "report", out / "report")
     if gens:
         io.write_json(out / "generation.json", {"task": cfg.experiment, "command": command, "machine": machine(),
                                                 "budgets": gens})
