@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
 from histodiffusion.diffusion.generate import generate
 from histodiffusion.diffusion.guidance import guided_eps
@@ -36,7 +37,7 @@ from histodiffusion.stages.autoencoder import load_vae
 from histodiffusion.stages.data import classes_of, split_tiles
 from histodiffusion.stages.finetune import ADAPT, load_classifier
 from histodiffusion.stages.pretrain import load_unet
-from histodiffusion.viz import labeled_rows, save_image
+from histodiffusion.viz import compact_png, labeled_rows, save_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,8 +120,8 @@ def main() -> None:
         parts = []
         for k, c in enumerate(classes):
             parts += [(f"real {c}", real[real_labels == k][:8]), (f"synthetic {c}", tiles[targets == k][:8])]
-        save_image(labeled_rows(parts, 8, label_width=230, scale=2),
-                   out / f"grid_{args.budget}_{name.split()[0].replace('-', '')}.png")
+        compact_png(save_image(labeled_rows(parts, 8, label_width=230, scale=2),
+                               out / f"grid_{args.budget}_{name.split()[0].replace('-', '')}.png"))
     fp32_rate = next(r["tiles_per_s"] for r in rows if r["unet"] == "domain fine-tuned" and r["scale"] == chosen)
     result = {"task": cfg.experiment, "label_budget": args.budget, "oracle_valid": oracle_valid,
               "chosen_scale": chosen, "sampler": cfg.sampling.sampler, "num_steps": cfg.sampling.num_steps,
@@ -143,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

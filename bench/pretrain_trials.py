@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
 from histodiffusion.data.cache import TileCache
 from histodiffusion.errors import StagePaused
@@ -70,6 +71,8 @@ TRIALS = {
                                  "64 px, f=4, 4.4M UNet, v + min-SNR-5, bf16, per-channel normalisation"),
     "J-64f4-mid-v-bf16-perchannel": ("64px-f4-pc", UNET_MID + V_MINSNR + BF16,
                                      "I with a 10.9M UNet (64,128,256)"),
+    "K-64f4-wide-v-bf16-perchannel": ("64px-f4-pc", UNET_WIDE + V_MINSNR + BF16,
+                                      "I with F/G's 14.5M UNet: separates UNet size from resolution"),
 }
 
 
@@ -157,7 +160,7 @@ def real_grid(ae: RunDir, resolution: int) -> None:
 
 def markdown(rows: list[dict], aes: dict, command: str) -> str:
     lines = ["# Pre-training trials at equal wall-clock budgets", "",
-             f"Command: `{command}`", f"Machine: {platform.processor() or platform.machine()}, "
+             f"Last command: `{command}` (trials run in several invocations with `--only`; scores recomputed for all)", f"Machine: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "",
              "| autoencoder | steps | wall (min) | held-out PSNR (dB) | SSIM | latent scale |",
              "|---|---|---|---|---|---|"]
@@ -206,8 +209,17 @@ def main() -> None:
     score(args.work, previous["trials"])
     write_json(results_file, previous)
     command = "python bench/pretrain_trials.py " + " ".join(sys.argv[1:])
-    write_text(OUT / "trials.md", markdown(list(previous["trials"].values()), previous["autoencoders"], command))
+    text = markdown(list(previous["trials"].values()), previous["autoencoders"], command)
+    write_text(OUT / "trials.md", text + observations(OUT / "trials.md"))
+
+
+def observations(md: Path) -> str:
+    """The hand-written sections after the generated table (kept when the table is rewritten)."""
+    if not md.is_file():
+        return ""
+    _, sep, tail = md.read_text().partition("\n## ")
+    return "\n## " + tail if sep else ""
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

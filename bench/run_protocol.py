@@ -8,6 +8,8 @@ real, wall seconds per stage, command, machine), ``bench/results/<task>/report/`
 the figures it shows; the self-contained ``report.html`` stays in the run directory: it embeds
 every figure and is too large for the repository), and
 ``bench/results/<task>/generation.{json,md}`` (distances, floors, precision/recall, near-copies).
+With ``--variant NAME`` (a setting tried beside the configured one, given by ``--set``) the same
+files go under ``bench/results/<task>/NAME/``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import sys
 from pathlib import Path
 
 from histodiffusion import io
+from histodiffusion.cli import guarded
 from histodiffusion.config import budget_name, load_config
 from histodiffusion.rundir import RunDir, default_run_dir
 from histodiffusion.stages import run_pipeline
 from histodiffusion.stages.evaluate import machine
 from histodiffusion.stages.report import wall_seconds
+from histodiffusion.viz import compact_png
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = ("data", "autoencoder", "latents", "pretrain", "features")
@@ -63,10 +67,11 @@ def generation_table(task: str, gens: dict[str, dict]) -> str:
 
 
 def copy_report(src: Path, dst: Path) -> None:
-    """``report.md`` and the images it links to (not the self-contained HTML, which repeats them)."""
+    """``report.md`` and the images it links to (not the self-contained HTML, which repeats them);
+    images over 1 MB are stored with a 256-colour palette (the originals stay in the run directory)."""
     text = (src / "report.md").read_text()
     for name in sorted(set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))):
-        io.write_bytes(dst / name, (src / name).read_bytes())
+        compact_png(io.write_bytes(dst / name, (src / name).read_bytes()))
     io.write_text(dst / "report.md", text)
 
 
@@ -76,15 +81,21 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--skip-run", action="store_true", help="only file the results of a finished run")
+    ap.add_argument("--variant", default=None,
+                    help="file the results under bench/results/<task>/<variant>/ (a setting tried beside the "
+                         "task's configured one, e.g. scale30-tau0.5)")
     args = ap.parse_args()
     overrides = args.overrides + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
     rd = RunDir(default_run_dir(cfg))
     if not args.skip_run:
         run_pipeline(cfg, rd)
+    out = REPO / "bench" / "results" / cfg.experiment / (args.variant or "")
     command = "python bench/run_protocol.py " + " ".join(sys.argv[1:])
+    if args.skip_run:  # refiling a finished run: keep the command that ran it, when it is on file
+        previous = out / budget_name(cfg.data.target.budgets[0]) / "summary.json"
+        command = io.read_json(previous).get("command", command) if previous.is_file() else command
     seconds = wall_seconds(cfg, rd.root)
-    out = REPO / "bench" / "results" / cfg.experiment
     gens = {}
     for b in cfg.data.target.budgets:
         name = budget_name(b)
@@ -102,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

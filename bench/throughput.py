@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
 from histodiffusion.data.augment import random_dihedral
 from histodiffusion.data.cache import TileCache
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -162,3 +162,13 @@ def test_data_fetch_offline_says_where_to_put_files(tmp_path: Path) -> None:
                env={"HISTODIFFUSION_ZENODO_API": f"http://127.0.0.1:{port}/api"})
     msg = _user_error(proc)
     assert "NCT-CRC-HE-100K.zip" in msg and str(tmp_path / "nct_crc_he_100k" / "downloads") in msg
+
+
+def test_bench_script_reports_a_missing_data_root_without_traceback(tmp_path: Path) -> None:
+    """The bench scripts share the CLI's error handling: a message naming the fix, exit code 2."""
+    env = {**os.environ, "HISTODIFFUSION_DATA": str(tmp_path / "nowhere"), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run_protocol.py"), "--config",
+                           str(CONFIGS / "smoke.yaml"), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    message = _user_error(proc)
+    assert "nowhere does not exist" in message and "HISTODIFFUSION_DATA" in message

@@ -13,6 +13,7 @@ from histodiffusion.data.cache import TileCache, build_cache
 from histodiffusion.data.images import ImageReadError, read_rgb, resize_square
 from histodiffusion.data.sources import Record
 from histodiffusion.errors import UserError
+from histodiffusion.viz import compact_png, save_image
 
 
 def test_grayscale_becomes_three_equal_channels(tmp_path: Path) -> None:
@@ -123,3 +124,16 @@ def test_cache_resumes_from_finished_shards(tmp_path: Path, monkeypatch: pytest.
     build_cache(records, 8, tmp_path / "c", shard_size=4, progress=False)
     assert calls == []  # all three shards were reused
     assert len(TileCache(tmp_path / "c")) == 10
+
+
+def test_compact_png_palette_encodes_only_large_files(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    big = save_image(noise, tmp_path / "big.png")
+    before = big.stat().st_size
+    assert before > 1_000_000
+    compact_png(big)
+    assert Image.open(big).mode == "P" and big.stat().st_size < 1_000_000
+    small = save_image(noise[:50, :50], tmp_path / "small.png")
+    data = small.read_bytes()
+    compact_png(small)
+    assert small.read_bytes() == data

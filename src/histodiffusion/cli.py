@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -188,10 +189,11 @@ def show_config(config: Annotated[Path | None, typer.Argument(help="Experiment Y
     _dry_run(_load(config, set_, run_dir, data_root))
 
 
-def main() -> None:
-    """Console entry point: user errors print a message and exit 2, never a traceback."""
+def guarded(entry: Callable[[], object]) -> None:
+    """Run ``entry`` so that user errors print a message and exit 2, never a traceback; a paused
+    stage exits 3 and Ctrl-C exits 130 saying that finished work is kept. (The bench scripts use it too.)"""
     try:
-        app()
+        entry()
     except UserError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(err.exit_code)
@@ -202,3 +204,8 @@ def main() -> None:
         console.print("[yellow]interrupted: finished stages and checkpoints are kept; rerun the same "
                       "command to resume[/]")
         sys.exit(130)
+
+
+def main() -> None:
+    """Console entry point."""
+    guarded(app)

@@ -48,3 +48,18 @@ def save_image(arr: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)
+
+
+def compact_png(path: str | Path, max_bytes: int = 1_000_000) -> Path:
+    """Re-encode a PNG larger than ``max_bytes`` with a 256-colour palette (median cut, no dithering).
+
+    For copies of figures kept in a repository: H&E grids look the same to the eye at about 40% of
+    the size. Smaller files are left untouched.
+    """
+    path = Path(path)
+    if path.stat().st_size <= max_bytes:
+        return path
+    img = Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", optimize=True)
+    return path
