@@ -107,7 +107,7 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
                  f"synthesize/{b}/unguided/manifest.csv", f"select/{b}/guided/accepted.csv",
                  f"select/{b}/guided/rejected.csv", f"evaluate/{b}/summary.json", "features/encoder/config.json",
                  f"generation/{b}/generation.json", f"generation/{b}/closest_guided.png", "report/report.md",
-                 "report/report.html", "report/results.json"):
+                 "report/pool_tiles.png", "report/report.html", "report/results.json"):
         assert (rd.root / path).exists(), path
     summary = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())
     assert set(summary) >= {"task", "label_budget", "n_seeds", "arms", "paired_gain_vs_real"}
@@ -128,3 +128,19 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
     assert html.count("data:image/png;base64,") >= 5 and "real+selected" in html
     # A second run skips every stage.
     run_pipeline(smoke_cfg, rd)
+    # A selection that accepts nothing leaves real+selected with the real subset alone: that arm
+    # reuses the real arm's runs (the same training, bit for bit) instead of training again.
+    from histodiffusion.stages import run_stage
+
+    accepted = rd.root / "select" / b / "guided" / "accepted.csv"
+    accepted.write_text(accepted.read_text().splitlines()[0] + "\n")
+    cfg = smoke_cfg.model_copy(update={"evaluate": smoke_cfg.evaluate.model_copy(
+        update={"arms": ["real+selected", "real"]})})
+    run_stage("evaluate", cfg, rd, force=True)
+    runs = {p.stem: json.loads(p.read_text()) for p in (rd.root / "evaluate" / b / "runs").glob("*.json")}
+    assert sorted(runs) == ["real+selected-seed0", "real+selected-seed1", "real-seed0", "real-seed1"]
+    for seed in (0, 1):
+        reused, real = runs[f"real+selected-seed{seed}"], runs[f"real-seed{seed}"]
+        assert reused["same_as"] == "real" and reused["n_synthetic"] == 0 and reused["test"] == real["test"]
+    gain = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())["paired_gain_vs_real"]
+    assert gain["real+selected"]["accuracy"]["mean"] == 0.0

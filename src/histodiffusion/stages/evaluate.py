@@ -84,15 +84,26 @@ def run(ctx: StageContext) -> dict:
     real_tiles, real_labels = split_tiles(data, f"labeled/{ctx.budget_name}")
     valid_tiles, valid_labels = split_tiles(data, "valid", e.classifier.eval_max, cfg.seed)
     test_tiles, test_labels = split_tiles(data, "test")
-    runs = []
-    for arm in e.arms:
+    runs, real_runs = [], {}
+    for arm in sorted(e.arms, key=lambda a: a != "real"):  # real first: an arm with no tiles reuses its runs
         syn_tiles, syn_labels = synthetic_for(arm, ctx, classes)
         tiles = real_tiles if syn_tiles is None else np.concatenate([real_tiles, syn_tiles])
         labels = np.concatenate([real_labels, syn_labels])
+        same_as_real = arm != "real" and syn_tiles is None and "real" in e.arms
+        if same_as_real:
+            console.print(f"[yellow]{ctx.budget_name} {arm}: the selection accepted no synthetic tiles, so this arm "
+                          "trains on the real subset alone, exactly like 'real' (same seeds); reusing its runs[/]")
         for seed in e.seeds:
             out = ctx.folder / "runs" / f"{arm}-seed{seed}.json"
             if out.is_file():
                 runs.append(json.loads(out.read_text()))
+                if arm == "real":
+                    real_runs[seed] = runs[-1]
+                continue
+            if same_as_real:
+                record = {**real_runs[seed], "arm": arm, "same_as": "real", "seconds": 0.0}
+                io.write_json(out, record)
+                runs.append(record)
                 continue
             t0 = time.time()
             clf = train_image_classifier(e.classifier, tiles, labels, valid_tiles, valid_labels, len(classes), seed,
@@ -104,6 +115,8 @@ def run(ctx: StageContext) -> dict:
                       "seconds": round(time.time() - t0, 1)}
             io.write_json(out, record)
             runs.append(record)
+            if arm == "real":
+                real_runs[seed] = record
             console.print(f"{ctx.budget_name} {arm} seed {seed}: test accuracy {record['test']['accuracy']:.4f}, "
                           f"balanced {record['test']['balanced_accuracy']:.4f} ({record['seconds']}s)")
     arms, gains = summarize(runs, list(e.arms))

@@ -6,10 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, budget_name
+from histodiffusion.data.cache import TileCache
 from histodiffusion.report import Document, arms_bar_chart, curves, fmt_ci
 from histodiffusion.stages.base import STAGES, Stage, StageContext, register, stage_keys
+from histodiffusion.viz import grid, save_image
 
 
 def _done(root: Path, key: str) -> dict | None:
@@ -53,7 +57,15 @@ def _pretraining(doc: Document, root: Path, out: Path) -> dict:
     sample = _latest(root / "pretrain" / "samples")
     if sample is not None:
         doc.image(shutil.copy(sample, out / "pretrain_samples.png"), "Unconditional samples of the pre-trained LDM")
+    doc.image(_pool_grid(root, out / "pool_tiles.png"), "Real pool tiles (a random draw) to compare the samples with")
     return {"autoencoder": ae, "pretrain": pt}
+
+
+def _pool_grid(root: Path, path: Path, n: int = 36, seed: int = 0) -> Path:
+    """A grid of ``n`` random real pool tiles, laid out like the pre-training sample grids."""
+    cache = TileCache(root / "data" / "cache" / "pool")
+    rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(n, len(cache)), replace=False))
+    return save_image(grid(cache.take(rows)), path, scale=2)
 
 
 def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: str) -> dict:
@@ -101,6 +113,11 @@ def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: s
             doc.table(["arm", "accuracy", "balanced accuracy", "macro-F1"],
                       [[a] + [fmt_ci(g[m]) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
                        for a, g in summary["paired_gain_vs_real"].items()])
+        empty = [a for a, n in summary["n_synthetic"].items() if a != "real" and n == 0]
+        if empty:
+            doc.paragraph(f"{', '.join(empty)}: the selection accepted no synthetic tiles, so these arms train on "
+                          "the real subset alone and reuse the real arm's runs; their gain is 0 by construction, "
+                          "not a measured effect.")
         doc.image(arms_bar_chart(summary, "accuracy", out / f"{name}_arms.png", f"{cfg.experiment}, {name}"),
                   "Test accuracy per arm (bars: mean; whiskers: 95% CI over seeds)")
     generation = root / "generation" / name / "generation.json"
