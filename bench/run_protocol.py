@@ -15,6 +15,7 @@ files go under ``bench/results/<task>/NAME/``.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -66,12 +67,17 @@ def generation_table(task: str, gens: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def copy_report(src: Path, dst: Path) -> None:
+def copy_report(src: Path, dst: Path, shared: Path | None = None) -> None:
     """``report.md`` and the images it links to (not the self-contained HTML, which repeats them);
-    images over 1 MB are stored with a 256-colour palette (the originals stay in the run directory)."""
+    images over 1 MB are stored with a 256-colour palette (the originals stay in the run directory).
+    An image identical to the one of the same name in ``shared`` (the configured run's report, when
+    filing a variant) is linked there instead of stored twice."""
     text = (src / "report.md").read_text()
     for name in sorted(set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))):
-        compact_png(io.write_bytes(dst / name, (src / name).read_bytes()))
+        copy = compact_png(io.write_bytes(dst / name, (src / name).read_bytes()))
+        if shared is not None and (shared / name).is_file() and (shared / name).read_bytes() == copy.read_bytes():
+            copy.unlink()
+            text = text.replace(f"]({name})", f"]({os.path.relpath(shared / name, dst)})")
     io.write_text(dst / "report.md", text)
 
 
@@ -105,7 +111,8 @@ def main() -> None:
         gen = rd.root / "generation" / name / "generation.json"
         if gen.is_file():
             gens[name] = io.read_json(gen)
-    copy_report(rd.root / "report", out / "report")
+    configured = REPO / "bench" / "results" / cfg.experiment / "report"
+    copy_report(rd.root / "report", out / "report", configured if args.variant else None)
     if gens:
         io.write_json(out / "generation.json", {"task": cfg.experiment, "command": command, "machine": machine(),
                                                 "budgets": gens})
