@@ -28,6 +28,7 @@ from histodiffusion.errors import StagePaused
 from histodiffusion.io import read_jsonl, write_json, write_text
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
+from histodiffusion.stages.report import pool_grid
 from histodiffusion.stages.sample import sample_tiles
 from histodiffusion.viz import grid, save_image
 
@@ -153,14 +154,13 @@ def score(work: Path, trials: dict, seed: int = 0) -> None:
 
 def real_grid(ae: RunDir, resolution: int) -> None:
     """A grid of real pool tiles at the trial's resolution, to put beside the samples."""
-    cache = TileCache(ae.root / "data" / "cache" / "pool")
-    rows = np.random.default_rng(0).choice(len(cache), size=64, replace=False)
-    save_image(grid(cache.take(np.sort(rows)), ncol=8), OUT / f"real_{resolution}px.png", scale=2)
+    pool_grid(ae.root / "data", OUT / f"real_{resolution}px.png", n=64)
 
 
 def markdown(rows: list[dict], aes: dict, command: str) -> str:
     lines = ["# Pre-training trials at equal wall-clock budgets", "",
-             f"Last command: `{command}` (trials run in several invocations with `--only`; scores recomputed for all)", f"Machine: {platform.processor() or platform.machine()}, "
+             f"Last command: `{command}` (trials run in several invocations with `--only`; scores recomputed "
+             "for all)", f"Machine: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "",
              "| autoencoder | steps | wall (min) | held-out PSNR (dB) | SSIM | latent scale |",
              "|---|---|---|---|---|---|"]

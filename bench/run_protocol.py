@@ -96,7 +96,8 @@ def main() -> None:
     rd = RunDir(default_run_dir(cfg))
     if not args.skip_run:
         run_pipeline(cfg, rd)
-    out = REPO / "bench" / "results" / cfg.experiment / (args.variant or "")
+    task_results = REPO / "bench" / "results" / cfg.experiment
+    out = task_results / (args.variant or "")
     command = "python bench/run_protocol.py " + " ".join(sys.argv[1:])
     if args.skip_run:  # refiling a finished run: keep the command that ran it, when it is on file
         previous = out / budget_name(cfg.data.target.budgets[0]) / "summary.json"
@@ -111,8 +112,7 @@ def main() -> None:
         gen = rd.root / "generation" / name / "generation.json"
         if gen.is_file():
             gens[name] = io.read_json(gen)
-    configured = REPO / "bench" / "results" / cfg.experiment / "report"
-    copy_report(rd.root / "report", out / "report", configured if args.variant else None)
+    copy_report(rd.root / "report", out / "report", task_results / "report" if args.variant else None)
     if gens:
         io.write_json(out / "generation.json", {"task": cfg.experiment, "command": command, "machine": machine(),
                                                 "budgets": gens})

@@ -57,13 +57,14 @@ def _pretraining(doc: Document, root: Path, out: Path) -> dict:
     sample = _latest(root / "pretrain" / "samples")
     if sample is not None:
         doc.image(shutil.copy(sample, out / "pretrain_samples.png"), "Unconditional samples of the pre-trained LDM")
-    doc.image(_pool_grid(root, out / "pool_tiles.png"), "Real pool tiles (a random draw) to compare the samples with")
+    doc.image(pool_grid(root / "data", out / "pool_tiles.png"), "Real pool tiles (a random draw) to compare the samples with")
     return {"autoencoder": ae, "pretrain": pt}
 
 
-def _pool_grid(root: Path, path: Path, n: int = 36, seed: int = 0) -> Path:
-    """A grid of ``n`` random real pool tiles, laid out like the pre-training sample grids."""
-    cache = TileCache(root / "data" / "cache" / "pool")
+def pool_grid(data_folder: Path, path: Path, n: int = 36, seed: int = 0) -> Path:
+    """A grid of ``n`` random real pool tiles (from a data stage's folder), laid out like the
+    pre-training sample grids."""
+    cache = TileCache(data_folder / "cache" / "pool")
     rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(n, len(cache)), replace=False))
     return save_image(grid(cache.take(rows)), path, scale=2)
 
@@ -116,8 +117,8 @@ def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: s
         empty = [a for a, n in summary["n_synthetic"].items() if a != "real" and n == 0]
         if empty:
             doc.paragraph(f"{', '.join(empty)}: the selection accepted no synthetic tiles, so these arms train on "
-                          "the real subset alone and reuse the real arm's runs; their gain is 0 by construction, "
-                          "not a measured effect.")
+                          "the real subset alone, the same training as real with the same seeds; their gain is 0 by "
+                          "construction, not a measured effect.")
         doc.image(arms_bar_chart(summary, "accuracy", out / f"{name}_arms.png", f"{cfg.experiment}, {name}"),
                   "Test accuracy per arm (bars: mean; whiskers: 95% CI over seeds)")
     generation = root / "generation" / name / "generation.json"
