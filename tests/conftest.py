@@ -47,6 +47,6 @@ def smoke_run(smoke_cfg, tmp_path_factory):
     from histodiffusion.stages import run_stage
 
     rd = RunDir(tmp_path_factory.mktemp("smoke") / "run")
-    for stage in ("data", "autoencoder", "latents", "pretrain"):
+    for stage in ("data", "labels", "autoencoder", "latents", "pretrain"):
         run_stage(stage, smoke_cfg, rd)
     return rd

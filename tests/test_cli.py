@@ -141,12 +141,12 @@ def test_smoke_prepare_on_real_data(tmp_path: Path, data_root: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "labeled 8perclass" in proc.stderr and "pre-training pool" in proc.stderr
     for name in ("config.yaml", "environment.json", "data/DONE", "data/pool.csv", "data/train.csv",
-                 "data/valid.csv", "data/test.csv", "data/labeled/8perclass.csv", "data/classes.json",
+                 "data/valid.csv", "data/test.csv", "labels/8perclass/labeled.csv", "data/classes.json",
                  "data/cache/pool/index.json", "data/cache/train/index.json"):
         assert (run / name).is_file(), name
     counts = json.loads((run / "data" / "counts.json").read_text())
-    assert counts["counts"]["labeled 8perclass"]["total"] == 16
     assert counts["counts"]["test"]["total"] == 64
+    assert json.loads((run / "labels" / "8perclass" / "counts.json").read_text())["labeled 8perclass"]["total"] == 16
     assert set(counts["pool"]["by_source"]) == {"ebhi", "lc25000", "nct_crc_he", "kather2016", "unlabeled_he"}
     rerun = cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--data-root", str(data_root), "--run-dir", str(run))
     assert rerun.returncode == 0 and "already done" in rerun.stderr

@@ -144,3 +144,14 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
         assert reused["same_as"] == "real" and reused["n_synthetic"] == 0 and reused["test"] == real["test"]
     gain = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())["paired_gain_vs_real"]
     assert gain["real+selected"]["accuracy"]["mean"] == 0.0
+    # A label budget added to a finished run: the pool-only stages (data, autoencoder, latents,
+    # pretrain) stay done; only the new budget's subset and its own stages run.
+    shared = {s: (rd.root / s / "DONE").read_text() for s in ("data", "autoencoder", "latents", "pretrain")}
+    wider = smoke_cfg.model_copy(deep=True)
+    wider.data.target.budgets = [8, 4]
+    run_pipeline(wider, rd, stop="finetune")
+    assert {s: (rd.root / s / "DONE").read_text() for s in shared} == shared
+    assert (rd.root / "finetune" / "4perclass" / "DONE").is_file()
+    small = (rd.root / "labels" / "4perclass" / "labeled.csv").read_text().splitlines()
+    large = (rd.root / "labels" / "8perclass" / "labeled.csv").read_text().splitlines()
+    assert len(small) == 1 + 8 and set(small) < set(large)  # 4 per class, nested in the 8-per-class subset

@@ -46,7 +46,8 @@ def test_quickstart_pipeline_on_pathmnist_format(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
     run_pipeline(cfg, rd)
     counts = json.loads((rd.root / "data" / "counts.json").read_text())
-    assert len(counts["classes"]) == 9 and counts["counts"]["labeled 2perclass"]["total"] == 18
+    labeled = json.loads((rd.root / "labels" / "2perclass" / "counts.json").read_text())
+    assert len(counts["classes"]) == 9 and labeled["labeled 2perclass"]["total"] == 18
     assert counts["pool"]["by_source"] == {"pathmnist": 40}
     assert (rd.root / "report" / "report.html").is_file()
     summary = json.loads((rd.root / "evaluate" / "2perclass" / "summary.json").read_text())

@@ -63,7 +63,7 @@ def _stages(names: tuple[str, ...], config: Path, overrides: list[str] | None, r
 
 # Stage commands: (typer app, command name, stages it runs, help). Each is the same thin call.
 STAGE_COMMANDS = (
-    (data_app, "prepare", ("data",), "Write the experiment's manifests (pool, labeled subsets, valid, test) and "
+    (data_app, "prepare", ("data", "labels"), "Write the experiment's manifests (pool, labeled subsets, valid, test) and "
      "tile caches; print the counts per split and class."),
     (app, "train-autoencoder", ("autoencoder",), "Train the KL autoencoder on the pool; store the latent scale "
      "in its config."),

@@ -499,11 +499,11 @@ class ExperimentConfig(_Section):
         """Plain dict of the resolved config (what is written to the run directory)."""
         return self.model_dump(mode="json")
 
-    def section_hash(self, *sections: str) -> str:
+    def section_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
         """Stable hash of the named sections (dotted paths), leaving out settings that do not change
-        results (where the data lives, worker counts, device)."""
+        results (where the data lives, worker counts, device) and the dotted paths in ``exclude``."""
         full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS)
-        for dotted in _NON_SEMANTIC:
+        for dotted in (*_NON_SEMANTIC, *exclude):
             parent, _, leaf = dotted.rpartition(".")
             node = _get_path(full, parent) if parent else full
             node.pop(leaf, None)

@@ -46,6 +46,8 @@ class Stage:
     description: str = ""
     distributed: bool = False
     """Every process runs ``fn`` (training and synthesis under accelerate); else the main one only."""
+    exclude: tuple[str, ...] = ()
+    """Dotted config paths inside ``sections`` that do not change this stage's result."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -71,7 +73,7 @@ def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | flo
 
 def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int | float | None) -> str:
     """Hash of the stage's config sections, its budget and its upstream stages' DONE hashes."""
-    parts = [stage.name, cfg.section_hash(*stage.sections), str(budget)]
+    parts = [stage.name, cfg.section_hash(*stage.sections, exclude=stage.exclude), str(budget)]
     for up in upstream_of(stage, cfg):
         spec = STAGES[up]
         if not spec.per_budget:
@@ -92,7 +94,7 @@ def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int
 
 
 def _command(stage: str) -> str:
-    return {"data": "data prepare", "autoencoder": "train-autoencoder", "latents": "pretrain",
+    return {"data": "data prepare", "labels": "data prepare", "autoencoder": "train-autoencoder", "latents": "pretrain",
             "conditional": "train-conditional"}.get(stage, stage)
 
 

@@ -1,4 +1,9 @@
-"""Stage ``data``: manifests (pool, train, valid, test, labeled subsets) and tile caches."""
+"""Stages ``data`` (manifests of pool, train, valid, test, and tile caches) and ``labels`` (one labeled
+subset per label budget).
+
+The two are apart so that the pool-only stages (autoencoder, latents, pretrain) do not depend on the
+label budgets: adding a budget to a finished run draws its subset and runs only the per-budget stages.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import numpy as np
 from rich.table import Table
 
 from histodiffusion import io
-from histodiffusion.config import ExperimentConfig, SourceCfg, budget_name
+from histodiffusion.config import ExperimentConfig, SourceCfg
 from histodiffusion.data import splits as sp
 from histodiffusion.data.cache import TileCache, build_cache
 from histodiffusion.data.sources import (
@@ -129,7 +134,7 @@ def _print_table(title: str, table: dict[str, dict[str, int]], classes: list[str
 
 
 def run(ctx: StageContext) -> dict:
-    """Read sources, split, cache tiles, draw label budgets, check guards, write manifests."""
+    """Read sources, split, cache tiles, check guards, write manifests (label budgets: stage ``labels``)."""
     cfg = ctx.cfg
     root = data_root(cfg.data.root)
     console.print(f"data root: {root}")
@@ -138,18 +143,10 @@ def run(ctx: StageContext) -> dict:
     pool = _pool(cfg, root, ctx.folder, target_all)
     splits = {s: _cached(splits[s], s, ctx) for s in EVAL_SPLITS}
     pool = _cached(pool, "pool", ctx)
-    labeled = {}
-    for budget in cfg.data.target.budgets:
-        subset = sp.labeled_subset(splits["train"], budget, cfg.seed)
-        sp.check_classes_present(subset, splits["train"], budget)
-        labeled[budget_name(budget)] = subset
     for s in EVAL_SPLITS:
         write_manifest(ctx.folder / f"{s}.csv", splits[s])
     write_manifest(ctx.folder / "pool.csv", pool)
-    for name, subset in labeled.items():
-        write_manifest(ctx.folder / "labeled" / f"{name}.csv", subset)
-    parts = {**{f"labeled {n}": s for n, s in labeled.items()}, **splits}
-    table = sp.count_table(parts, classes)
+    table = sp.count_table(splits, classes)
     pool_sources: dict[str, int] = {}
     for r in pool:
         pool_sources[r.source] = pool_sources.get(r.source, 0) + 1
@@ -168,6 +165,31 @@ def run(ctx: StageContext) -> dict:
     return summary
 
 
+def run_labels(ctx: StageContext) -> dict:
+    """Draw one label budget's subset of the train split (seeded, stratified) and check every class is in it."""
+    cfg = ctx.cfg
+    data = ctx.upstream("data")
+    classes = classes_of(data)
+    train = split_records(data, "train")
+    subset = sp.labeled_subset(train, ctx.budget, cfg.seed)  # type: ignore[arg-type]
+    sp.check_classes_present(subset, train, ctx.budget)  # type: ignore[arg-type]
+    write_manifest(ctx.folder / "labeled.csv", subset)
+    row = sp.count_table({f"labeled {ctx.budget_name}": subset}, classes)
+    io.write_json(ctx.folder / "counts.json", row)
+    _print_table(f"{cfg.experiment}: labeled subset {ctx.budget_name} of '{cfg.data.target.name}'/train", row, classes)
+    return {"counts": row}
+
+
+def count_rows(root: Path, budgets: list[str]) -> dict[str, dict[str, int]]:
+    """Counts per part and class of a run: each budget's labeled subset, then train, valid and test."""
+    rows: dict[str, dict[str, int]] = {}
+    for name in budgets:
+        path = root / "labels" / name / "counts.json"
+        if path.is_file():
+            rows.update(io.read_json(path))
+    return {**rows, **io.read_json(root / "data" / "counts.json")["counts"]}
+
+
 # ----------------------------------------------------------------------- reading back
 def classes_of(run_dir_data: Path) -> list[str]:
     """Class names in label-index order, as written by the data stage."""
@@ -175,7 +197,17 @@ def classes_of(run_dir_data: Path) -> list[str]:
 
 
 def split_records(data_folder: Path, split: str) -> list[Record]:
-    """Records of 'train', 'valid', 'test', 'pool' or 'labeled/<budget>'."""
+    """Records of 'train', 'valid', 'test', 'pool' or 'labeled/<budget>'.
+
+    A budget's subset is written by the ``labels`` stage beside ``data`` in the run directory.
+    """
+    if split.startswith("labeled/"):
+        name = split.split("/", 1)[1]
+        path = data_folder.parent / "labels" / name / "labeled.csv"
+        if not path.is_file():
+            raise UserError(f"no labeled subset '{name}' in {data_folder.parent}: run `histodiffusion data prepare "
+                            f"CONFIG` with {name} in data.target.budgets")
+        return read_manifest(path)
     return read_manifest(data_folder / f"{split}.csv")
 
 
@@ -201,4 +233,7 @@ def split_tiles(data_folder: Path, split: str, cap: int | None = None, seed: int
     return cache.take(rows), labels
 
 
-STAGE = register(Stage("data", ("data", "seed"), (), run, description="manifests and tile caches"))
+STAGE = register(Stage("data", ("data", "seed"), (), run, description="manifests and tile caches",
+                       exclude=("data.target.budgets",)))
+LABELS = register(Stage("labels", ("seed",), ("data",), run_labels, per_budget=True,
+                        description="the labeled subset of one label budget"))

@@ -129,7 +129,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
-    return ("data", "synthesize", "select") if set(cfg.evaluate.arms) - {"real"} else ("data",)
+    return ("data", "labels", "synthesize", "select") if set(cfg.evaluate.arms) - {"real"} else ("data", "labels")
 
 
 STAGE = register(Stage("evaluate", ("evaluate", "seed"), _upstream, run, per_budget=True,

@@ -213,8 +213,8 @@ def run_conditional(ctx: StageContext) -> dict:
     return {"final_loss": records[-1]["loss"] if records else None, "n_labeled": len(labeled)}
 
 
-FINETUNE = register(Stage("finetune", ("diffusion", "finetune", "seed"), ("data", "autoencoder", "pretrain"),
+FINETUNE = register(Stage("finetune", ("diffusion", "finetune", "seed"), ("data", "labels", "autoencoder", "pretrain"),
                           run_finetune, per_budget=True, description="latent classifier + domain adaptation", distributed=True))
 CONDITIONAL = register(Stage("conditional", ("diffusion", "pretrain.unet", "conditional", "seed"),
-                             ("data", "autoencoder"), run_conditional, per_budget=True,
+                             ("data", "labels", "autoencoder"), run_conditional, per_budget=True,
                              description="class-conditional baseline, no pre-training", distributed=True))

@@ -157,6 +157,6 @@ def run_generation(ctx: StageContext) -> dict:
 FEATURES = register(Stage("features", ("generation.encoder_backbone", "generation.encoder_steps",
                                        "generation.encoder_batch_size", "generation.encoder_lr", "seed"),
                           ("data",), run_features, description="histology feature encoder (SimCLR on the pool)"))
-GENERATION = register(Stage("generation", ("generation", "seed"), ("data", "features", "synthesize", "select"),
+GENERATION = register(Stage("generation", ("generation", "seed"), ("data", "labels", "features", "synthesize", "select"),
                             run_generation,
                             per_budget=True, description="generation quality and memorization"))

@@ -8,7 +8,7 @@ from histodiffusion.progress import console
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages.base import run_stage
 
-PIPELINE = ("data", "autoencoder", "latents", "pretrain", "finetune", "conditional", "synthesize", "select",
+PIPELINE = ("data", "labels", "autoencoder", "latents", "pretrain", "finetune", "conditional", "synthesize", "select",
             "evaluate", "features", "generation", "report")
 
 

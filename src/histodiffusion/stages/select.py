@@ -136,5 +136,5 @@ def acceptance_table(classes: list[str], targets: np.ndarray, reasons: list[str]
     return table
 
 
-STAGE = register(Stage("select", ("select", "seed"), ("data", "synthesize"), run, per_budget=True,
+STAGE = register(Stage("select", ("select", "seed"), ("data", "labels", "synthesize"), run, per_budget=True,
                        description="confidence-based selection of synthetic tiles"))

@@ -19,7 +19,6 @@ from accelerate import PartialState
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig
 from histodiffusion.data.images import save_png
-from histodiffusion.data.sources import read_manifest
 from histodiffusion.diffusion.generate import generate
 from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import unet_eps_fn
@@ -27,6 +26,7 @@ from histodiffusion.errors import UserError
 from histodiffusion.progress import console, progress_bar
 from histodiffusion.stages.autoencoder import load_vae
 from histodiffusion.stages.base import Stage, StageContext, register
+from histodiffusion.stages.data import split_records
 from histodiffusion.stages.finetune import load_classifier, synthesis_unet_folder
 from histodiffusion.stages.pretrain import UNET, load_unet
 from histodiffusion.viz import labeled_rows, save_image
@@ -169,7 +169,7 @@ def real_examples(data: Path, split: str, classes: list[str], n: int, seed: int)
     from histodiffusion.data.cache import TileCache
 
     cache = TileCache(data / "cache" / ("train" if split.startswith("labeled/") else split))
-    records = read_manifest(data / f"{split}.csv")
+    records = split_records(data, split)
     out = {}
     rng = np.random.default_rng(seed)
     for c in classes:
@@ -184,7 +184,7 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     data = ctx.upstream("data")
     classes = io.read_json(data / "classes.json")
-    labeled = read_manifest(data / "labeled" / f"{ctx.budget_name}.csv")
+    labeled = split_records(data, f"labeled/{ctx.budget_name}")
     counts = {c: sum(r.label == c for r in labeled) for c in classes}
     todo = plan(cfg, classes, counts)
     real = real_examples(data, f"labeled/{ctx.budget_name}", classes, 8, cfg.seed)
@@ -201,7 +201,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
-    base = ("data", "autoencoder", "pretrain", "finetune")
+    base = ("data", "labels", "autoencoder", "pretrain", "finetune")
     return base + (("conditional",) if "conditional" in cfg.synthesize.generators else ())
 
 
