@@ -145,13 +145,16 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
     gain = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())["paired_gain_vs_real"]
     assert gain["real+selected"]["accuracy"]["mean"] == 0.0
     # A label budget added to a finished run: the pool-only stages (data, autoencoder, latents,
-    # pretrain) stay done; only the new budget's subset and its own stages run.
-    shared = {s: (rd.root / s / "DONE").read_text() for s in ("data", "autoencoder", "latents", "pretrain")}
-    wider = smoke_cfg.model_copy(deep=True)
+    # pretrain, features) stay done; only the new budget's subset and its own stages run, and the
+    # report is rebuilt over both budgets.
+    shared = {s: (rd.root / s / "DONE").read_text()
+              for s in ("data", "autoencoder", "latents", "pretrain", "features", f"evaluate/{b}")}
+    wider = cfg.model_copy(deep=True)
     wider.data.target.budgets = [8, 4]
-    run_pipeline(wider, rd, stop="finetune")
+    run_pipeline(wider, rd)
     assert {s: (rd.root / s / "DONE").read_text() for s in shared} == shared
-    assert (rd.root / "finetune" / "4perclass" / "DONE").is_file()
+    assert (rd.root / "evaluate" / "4perclass" / "DONE").is_file()
+    assert set(json.loads((rd.root / "report" / "results.json").read_text())["budgets"]) == {b, "4perclass"}
     small = (rd.root / "labels" / "4perclass" / "labeled.csv").read_text().splitlines()
     large = (rd.root / "labels" / "8perclass" / "labeled.csv").read_text().splitlines()
     assert len(small) == 1 + 8 and set(small) < set(large)  # 4 per class, nested in the 8-per-class subset

@@ -48,6 +48,8 @@ class Stage:
     """Every process runs ``fn`` (training and synthesis under accelerate); else the main one only."""
     exclude: tuple[str, ...] = ()
     """Dotted config paths inside ``sections`` that do not change this stage's result."""
+    rebuild: bool = False
+    """A cheap summary of other stages (the report): redone, not refused, when its hash changes."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -118,7 +120,7 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
             summaries.append({"key": key, "skipped": True})
             continue
         if state.is_main_process:
-            run_dir.begin(key, h, force=force)
+            run_dir.begin(key, h, force=force or stage.rebuild)
             console.print(f"[bold cyan]{key}[/]: running in {run_dir.stage_dir(key)}")
         state.wait_for_everyone()
         t0 = time.time()

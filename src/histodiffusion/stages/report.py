@@ -191,4 +191,4 @@ def run(ctx: StageContext) -> dict:
 
 
 STAGE = register(Stage("report", ("evaluate", "synthesize", "select"), ("data", "labels", "evaluate", "generation"), run,
-                       description="report.md, report.html, results.json"))
+                       description="report.md, report.html, results.json", rebuild=True))
