@@ -180,14 +180,14 @@ def run_labels(ctx: StageContext) -> dict:
     return {"counts": row}
 
 
-def count_rows(root: Path, budgets: list[str]) -> dict[str, dict[str, int]]:
-    """Counts per part and class of a run: each budget's labeled subset, then train, valid and test."""
+def labeled_counts(root: Path, budgets: list[str]) -> dict[str, dict[str, int]]:
+    """Counts per class of each finished budget's labeled subset in a run directory."""
     rows: dict[str, dict[str, int]] = {}
     for name in budgets:
         path = root / "labels" / name / "counts.json"
         if path.is_file():
             rows.update(io.read_json(path))
-    return {**rows, **io.read_json(root / "data" / "counts.json")["counts"]}
+    return rows
 
 
 # ----------------------------------------------------------------------- reading back

@@ -13,7 +13,7 @@ from histodiffusion.config import ExperimentConfig, budget_name
 from histodiffusion.data.cache import TileCache
 from histodiffusion.report import Document, arms_bar_chart, curves, fmt_ci
 from histodiffusion.stages.base import STAGES, Stage, StageContext, register, stage_keys
-from histodiffusion.stages.data import count_rows
+from histodiffusion.stages.data import labeled_counts
 from histodiffusion.viz import grid, save_image
 
 
@@ -165,7 +165,7 @@ def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
     doc.paragraph(f"Target '{cfg.data.target.name}' at {cfg.data.resolution} px, preset '{cfg.preset}', "
                   f"seed {cfg.seed}, git {env.get('git_commit')}, torch {env.get('packages', {}).get('torch')}.")
     counts = io.read_json(root / "data" / "counts.json")
-    counts["counts"] = count_rows(root, [budget_name(b) for b in cfg.data.target.budgets])
+    counts["counts"] = {**labeled_counts(root, [budget_name(b) for b in cfg.data.target.budgets]), **counts["counts"]}
     classes = counts["classes"]
     doc.heading("Data")
     doc.table(["split"] + classes + ["total"], [[part] + [row[c] for c in classes] + [row["total"]]

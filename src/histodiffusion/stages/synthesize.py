@@ -26,7 +26,7 @@ from histodiffusion.errors import UserError
 from histodiffusion.progress import console, progress_bar
 from histodiffusion.stages.autoencoder import load_vae
 from histodiffusion.stages.base import Stage, StageContext, register
-from histodiffusion.stages.data import split_records
+from histodiffusion.stages.data import split_records, split_rows
 from histodiffusion.stages.finetune import load_classifier, synthesis_unet_folder
 from histodiffusion.stages.pretrain import UNET, load_unet
 from histodiffusion.viz import labeled_rows, save_image
@@ -166,16 +166,13 @@ def read_manifest_rows(path: Path) -> list[dict]:
 
 def real_examples(data: Path, split: str, classes: list[str], n: int, seed: int) -> dict[str, np.ndarray]:
     """Up to ``n`` real tiles per class of a split, from the tile cache."""
-    from histodiffusion.data.cache import TileCache
-
-    cache = TileCache(data / "cache" / ("train" if split.startswith("labeled/") else split))
-    records = split_records(data, split)
+    cache, rows, labels = split_rows(data, split)
     out = {}
     rng = np.random.default_rng(seed)
-    for c in classes:
-        paths = [r.path for r in records if r.label == c]
-        pick = rng.permutation(len(paths))[:n]
-        out[c] = cache.take(cache.rows([paths[i] for i in sorted(pick)]))
+    for i, c in enumerate(classes):
+        members = rows[labels == i]
+        pick = rng.permutation(len(members))[:n]
+        out[c] = cache.take(members[np.sort(pick)])
     return out
 
 
