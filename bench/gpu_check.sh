@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The cpu profile's LDM pre-training on one GPU, with bf16 autocast, through `accelerate launch`.
+#
+# Inputs (prepared on the CPU machine, carried to the GPU one; see bench/README.md):
+#   .gpu/run/   a protocol run's data manifests, autoencoder and latent cache (data/, autoencoder/,
+#               latents/ with their DONE markers), so pre-training starts from the same latents
+#   .whl/       wheels of what the GPU image lacks (diffusers, pydantic, typer, ...)
+# Output under $OUT: gpu_check.log, phases.txt, and what `bench/gpu_check.py measure` writes.
+#
+# Runs:  profile  the cpu preset as is (4000 steps of 64, bf16)
+#        batch256 the same with batches of 256 (4x the latents per step; the GPU's cheap direction)
+# Each run is time-limited (train.time_limit_minutes) so the whole script fits one device lease.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1 HISTODIFFUSION_DATA=/nonexistent
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then  # NO_WHEELS=1: use the installed packages
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi: not found"
+python3 -c "import torch, diffusers, accelerate; c = torch.cuda.is_available(); print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'gpu', c and torch.cuda.get_device_name(0), 'bf16', c and torch.cuda.is_bf16_supported(), \
+'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)" || exit 1
+
+phase() {  # phase NAME SECONDS COMMAND...: time-boxed, logged, never fatal to the rest
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  timeout "$limit" "$@"; local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/phases.txt"
+}
+
+CONFIG=configs/pcam-fewlabel.yaml
+LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no
+        -m histodiffusion pretrain "$CONFIG")
+for run in profile batch256; do rm -rf "/tmp/$run"; cp -r .gpu/run "/tmp/$run"; done
+phase profile "${PROFILE_LIMIT:-230}" "${LAUNCH[@]}" --run-dir /tmp/profile \
+  --set pretrain.train.time_limit_minutes="${PROFILE_MINUTES:-2.8}"
+phase batch256 "${BATCH256_LIMIT:-230}" "${LAUNCH[@]}" --run-dir /tmp/batch256 \
+  --set pretrain.train.batch_size=256 --set pretrain.train.time_limit_minutes="${BATCH256_MINUTES:-2.8}"
+phase measure "${MEASURE_LIMIT:-150}" python3 bench/gpu_check.py measure --runs /tmp/profile /tmp/batch256 \
+  --out "$OUT" ${MEASURE_ARGS:-}
+ls -la "$OUT"
