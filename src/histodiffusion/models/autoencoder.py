@@ -82,6 +82,20 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(denormalize_latents(latents, vae.config)).sample.clamp(-1, 1)
 
 
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] through the autoencoder (posterior mean, no sampling), clamped to [-1, 1]."""
+    return vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def reconstruct_tiles(vae: AutoencoderKL, tiles: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """uint8 tiles (N, H, W, 3) as the autoencoder gives them back: what a latent model can reach."""
+    device = next(vae.parameters()).device
+    parts = [tensor_to_tiles(reconstruct(vae, tiles_to_tensor(tiles[i:i + batch_size]).to(device)))
+             for i in range(0, len(tiles), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros_like(tiles)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)

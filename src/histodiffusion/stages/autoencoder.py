@@ -26,8 +26,9 @@ from histodiffusion.models.autoencoder import (
     hinge_d_loss,
     load_lpips,
     psnr,
+    reconstruct,
+    reconstruct_tiles,
     ssim,
-    tensor_to_tiles,
     tiles_to_tensor,
 )
 from histodiffusion.progress import console
@@ -84,7 +85,7 @@ def evaluate(vae: AutoencoderKL, cache: TileCache, rows: np.ndarray, device: tor
     p, s = [], []
     for i in range(0, len(rows), batch_size):
         x = tiles_to_tensor(cache.take(rows[i:i + batch_size])).to(device)
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        rec = reconstruct(vae, x)
         p.append(psnr(rec, x).cpu())
         s.append(ssim(rec, x).cpu())
     return {"psnr_db": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean()), "n_tiles": len(rows)}
@@ -184,12 +185,9 @@ def run(ctx: StageContext) -> dict:
 
     def on_sample(step: int) -> None:
         model = accelerator.unwrap_model(vae)
-        rows = data.holdout[:16]
-        x = tiles_to_tensor(data.cache.take(rows)).to(device)
-        with torch.no_grad():
-            model.eval()
-            rec = model.decode(model.encode(x).latent_dist.mode()).sample
-        pair = np.concatenate([data.cache.take(rows), tensor_to_tiles(rec)])
+        tiles = data.cache.take(data.holdout[:16])
+        model.eval()
+        pair = np.concatenate([tiles, reconstruct_tiles(model, tiles)])
         save_image(grid(pair, ncol=16), ctx.folder / "reconstructions" / f"step-{step:07d}.png", scale=2)
 
     spec = LoopSpec(train.steps, train.log_every, train.checkpoint_every, train.keep_checkpoints,
