@@ -136,6 +136,46 @@ def test_interrupted_training_resumes_to_identical_weights(smoke_run: RunDir, sm
     assert [r["step"] for r in log] == [2, 4, 6]
 
 
+def test_more_steps_continue_a_finished_stage(smoke_run: RunDir, smoke_cfg, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking a finished training stage for more steps continues it from its last checkpoint, to the
+    weights of a run that asked for that many steps from the start; fewer steps are refused."""
+    import shutil
+
+    import histodiffusion.stages.pretrain as pretrain_mod
+    from histodiffusion.errors import UserError
+
+    cfg = smoke_cfg.model_copy(deep=True)
+    cfg.pretrain.train.checkpoint_every = 2
+    straight, extended = RunDir(tmp_path / "straight"), RunDir(tmp_path / "extended")
+    for rd in (straight, extended):
+        for stage in ("data", "autoencoder", "latents"):
+            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    cfg.pretrain.train.steps = 8
+    run_stage("pretrain", cfg, straight)
+    cfg.pretrain.train.steps = 4
+    run_stage("pretrain", cfg, extended)
+    real, calls = pretrain_mod.accumulate_step, []
+    monkeypatch.setattr(pretrain_mod, "accumulate_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg.pretrain.train.steps = 8
+    run_stage("pretrain", cfg, extended)
+    assert len(calls) == 4  # only the new steps were trained
+
+    a, b = _train_weights(straight.root), _train_weights(extended.root)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    done = json.loads((extended.root / "pretrain" / "DONE").read_text())
+    assert done["summary"]["extended_from"] == {"pretrain.train.steps": 4} and done["summary"]["steps"] == 8
+    log = [json.loads(x) for x in (extended.root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]  # the first run's log is kept
+
+    cfg.pretrain.train.steps = 6
+    with pytest.raises(UserError, match="pretrain.train.steps: 8 before, 6 now"):
+        run_stage("pretrain", cfg, extended)
+    cfg.pretrain.train.steps, cfg.pretrain.train.lr = 10, cfg.pretrain.train.lr * 2
+    with pytest.raises(UserError, match="different config"):  # more steps, but also another lr
+        run_stage("pretrain", cfg, extended)
+
+
 def test_sample_command_tiles_do_not_depend_on_batch_size(smoke_run: RunDir, smoke_cfg, tmp_path: Path) -> None:
     from histodiffusion.stages.sample import sample_tiles
 

@@ -107,27 +107,57 @@ class RunDir:
         except (json.JSONDecodeError, KeyError):
             return None
 
-    def begin(self, key: str, stage_hash: str, force: bool = False) -> Path:
-        """Prepare a stage folder for (re)running; refuses to mix results of two configs."""
+    def _state(self, key: str) -> dict:
+        """The stage's STATE.json ({} when missing or unreadable)."""
+        try:
+            return json.loads((self.stage_dir(key) / STATE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def extension(self, key: str, base_hash: str | None, steps: dict[str, int]) -> dict[str, int] | None:
+        """The old step counts when this run only adds training steps to the stage, else None.
+
+        That is: the stage was started (finished or not) with the same config except its step counts
+        (``base_hash``), and no step count goes down. A rerun then continues from its checkpoint.
+        """
+        state = self._state(key)
+        old = state.get("steps")
+        if base_hash is None or state.get("base_hash") != base_hash or not isinstance(old, dict):
+            return None
+        if old == steps or set(old) != set(steps):
+            return None
+        fewer = [k for k in steps if steps[k] < old[k]]
+        if fewer:
+            raise UserError(
+                f"stage '{key}' in {self.root} was trained for more steps than asked now ("
+                + ", ".join(f"{k}: {old[k]} before, {steps[k]} now" for k in fewer)
+                + f"). Ask for at least as many, or rerun with --force {key.split('/')[0]} to train afresh."
+            )
+        return old
+
+    def begin(self, key: str, stage_hash: str, force: bool = False, base_hash: str | None = None,
+              steps: dict[str, int] | None = None, extend: bool = False) -> Path:
+        """Prepare a stage folder for (re)running; refuses to mix results of two configs.
+
+        ``extend``: the config differs only by more training steps (see :meth:`extension`), so the
+        stage continues from its checkpoints under the new hash.
+        """
         folder = self.stage_dir(key)
         if force and folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state_file = folder / STATE
-        old = self.done_hash(key)
-        if old is None and state_file.is_file():
-            try:
-                old = json.loads(state_file.read_text()).get("hash")
-            except json.JSONDecodeError:
-                old = None
-        if old is not None and old != stage_hash:
+        old = self.done_hash(key) or self._state(key).get("hash")
+        if old is not None and old != stage_hash and not extend:
             raise UserError(
                 f"stage '{key}' in {self.root} was run with a different config (hash {old}, now "
                 f"{stage_hash}). Rerun with --force {key.split('/')[0]} to redo it (and what depends "
                 "on it), or choose another --run-dir."
             )
         (folder / DONE).unlink(missing_ok=True)
-        io.write_json(state_file, {"hash": stage_hash, "started": time.time()})
+        state = {"hash": stage_hash, "started": time.time()}
+        if base_hash is not None:
+            state.update(base_hash=base_hash, steps=steps or {})
+        io.write_json(folder / STATE, state)
         return folder
 
     def finish(self, key: str, stage_hash: str, summary: dict | None = None) -> None:

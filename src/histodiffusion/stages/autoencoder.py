@@ -222,4 +222,4 @@ def load_vae(folder: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
 
 
 STAGE = register(Stage("autoencoder", ("data.resolution", "autoencoder", "seed"), ("data",), run,
-                       description="KL autoencoder + latent scale", distributed=True))
+                       description="KL autoencoder + latent scale", distributed=True, extendable=True))

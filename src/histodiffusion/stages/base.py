@@ -50,6 +50,9 @@ class Stage:
     """Dotted config paths inside ``sections`` that do not change this stage's result."""
     rebuild: bool = False
     """A cheap summary of other stages (the report): redone, not refused, when its hash changes."""
+    extendable: bool = False
+    """A training stage: rerun with more ``steps`` and nothing else changed, it continues from its
+    last checkpoint instead of being refused."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -73,9 +76,36 @@ def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | flo
     return [(f"{stage.name}/{budget_name(b)}", b) for b in cfg.data.target.budgets]
 
 
-def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int | float | None) -> str:
-    """Hash of the stage's config sections, its budget and its upstream stages' DONE hashes."""
-    parts = [stage.name, cfg.section_hash(*stage.sections, exclude=stage.exclude), str(budget)]
+def training_steps(stage: Stage, cfg: ExperimentConfig) -> dict[str, int]:
+    """Every ``steps`` setting in the stage's config sections, by dotted path."""
+    found: dict[str, int] = {}
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "steps" and isinstance(v, int):
+                    found[f"{path}.{k}"] = v
+                else:
+                    walk(v, f"{path}.{k}")
+
+    full = cfg.to_dict()
+    for section in stage.sections:
+        node = full
+        for part in section.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        walk(node, section)
+    return found
+
+
+def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int | float | None,
+               without_steps: bool = False) -> str:
+    """Hash of the stage's config sections, its budget and its upstream stages' DONE hashes.
+
+    ``without_steps`` leaves the step counts out: equal such hashes mean "the same training, maybe
+    for longer".
+    """
+    exclude = stage.exclude + (tuple(training_steps(stage, cfg)) if without_steps else ())
+    parts = [stage.name, cfg.section_hash(*stage.sections, exclude=exclude), str(budget)]
     for up in upstream_of(stage, cfg):
         spec = STAGES[up]
         if not spec.per_budget:
@@ -119,9 +149,16 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
             console.print(f"[dim]{key}: already done (config hash {h}); skipping. Use --force {name} to redo.[/]")
             summaries.append({"key": key, "skipped": True})
             continue
+        steps = training_steps(stage, cfg) if stage.extendable else {}
+        base = stage_hash(stage, cfg, run_dir, budget, without_steps=True) if stage.extendable else None
+        extended_from = None if force else run_dir.extension(key, base, steps)
         if state.is_main_process:
-            run_dir.begin(key, h, force=force or stage.rebuild)
+            run_dir.begin(key, h, force=force or stage.rebuild, base_hash=base, steps=steps,
+                          extend=extended_from is not None)
             console.print(f"[bold cyan]{key}[/]: running in {run_dir.stage_dir(key)}")
+            if extended_from:
+                console.print(f"{key}: continuing from its last checkpoint with more steps ("
+                              + ", ".join(f"{k} {extended_from[k]} -> {steps[k]}" for k in steps) + ")")
         state.wait_for_everyone()
         t0 = time.time()
         summary = {}
@@ -129,6 +166,8 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
             summary = stage.fn(StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)) or {}
         state.wait_for_everyone()
         summary["wall_seconds"] = round(time.time() - t0, 1)
+        if extended_from:
+            summary["extended_from"] = extended_from
         if state.is_main_process:
             run_dir.finish(key, h, summary)
         state.wait_for_everyone()

@@ -214,7 +214,9 @@ def run_conditional(ctx: StageContext) -> dict:
 
 
 FINETUNE = register(Stage("finetune", ("diffusion", "finetune", "seed"), ("data", "labels", "autoencoder", "pretrain"),
-                          run_finetune, per_budget=True, description="latent classifier + domain adaptation", distributed=True))
+                          run_finetune, per_budget=True, description="latent classifier + domain adaptation", distributed=True,
+                          extendable=True))
 CONDITIONAL = register(Stage("conditional", ("diffusion", "pretrain.unet", "conditional", "seed"),
                              ("data", "labels", "autoencoder"), run_conditional, per_budget=True,
-                             description="class-conditional baseline, no pre-training", distributed=True))
+                             description="class-conditional baseline, no pre-training", distributed=True,
+                             extendable=True))

@@ -174,4 +174,4 @@ def run_pretrain(ctx: StageContext) -> dict:
 LATENTS = register(Stage("latents", ("data.resolution", "autoencoder", "seed"), ("autoencoder",), run_latents,
                          description="encode the pool once"))
 PRETRAIN = register(Stage("pretrain", ("diffusion", "pretrain", "sampling", "seed"), ("latents",), run_pretrain,
-                          description="unconditional latent diffusion", distributed=True))
+                          description="unconditional latent diffusion", distributed=True, extendable=True))
