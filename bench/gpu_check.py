@@ -26,8 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+import accelerate
+import diffusers
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
@@ -108,12 +111,7 @@ def measure(args) -> None:
     out = Path(args.out)
     result: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
                     "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
-    try:
-        import accelerate
-        import diffusers
-        result.update(accelerate=accelerate.__version__, diffusers=diffusers.__version__)
-    except ImportError as err:  # reported, not fatal: the numbers below don't need them
-        result["import_error"] = str(err)
+    result.update(accelerate=accelerate.__version__, diffusers=diffusers.__version__)
     first = Path(args.runs[0])
     result["training"] = [training_speed(cfg, first, device, b, p, args.steps)
                           for b in (64, 256) for p in ("fp32", "bf16")]
@@ -132,7 +130,6 @@ def measure(args) -> None:
         tiles, seconds = sample_array(cfg, run, device, args.num_samples)
         np.save(out / f"{name}_samples.npy", tiles)
         unet, _ = load_unet(run / "pretrain")
-        from safetensors.torch import save_file
         save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(out / f"{name}_unet_fp16.safetensors"))
         state = read_json(run / "pretrain" / "DONE") if (run / "pretrain" / "DONE").is_file() else None
         records = read_jsonl(run / "pretrain" / "metrics.jsonl")
