@@ -74,6 +74,8 @@ TRIALS = {
                                      "I with a 10.9M UNet (64,128,256)"),
     "K-64f4-wide-v-bf16-perchannel": ("64px-f4-pc", UNET_WIDE + V_MINSNR + BF16,
                                       "I with F/G's 14.5M UNet: separates UNet size from resolution"),
+    "F30-32f4-wide-v-bf16": ("32px-f4", UNET_WIDE + V_MINSNR + BF16,
+                             "F given the preset's pre-training time (run with --minutes 30)"),
 }
 
 

@@ -158,7 +158,8 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
             console.print(f"[bold cyan]{key}[/]: running in {run_dir.stage_dir(key)}")
             if extended_from:
                 console.print(f"{key}: continuing from its last checkpoint with more steps ("
-                              + ", ".join(f"{k} {extended_from[k]} -> {steps[k]}" for k in steps) + ")")
+                              + ", ".join(f"{k} {extended_from[k]} -> {steps[k]}" for k in steps
+                                          if steps[k] != extended_from[k]) + ")")
         state.wait_for_everyone()
         t0 = time.time()
         summary = {}
