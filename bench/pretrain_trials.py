@@ -186,6 +186,25 @@ def markdown(rows: list[dict], aes: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference(work: Path, run: Path) -> dict:
+    """A finished run's pre-trained model as a table row: its first 64 samples, scored like a trial."""
+    rd = RunDir(run)
+    cfg = load_config(run / "config.yaml")
+    done = json.loads((run / "pretrain" / "DONE").read_text())["summary"]
+    log = read_jsonl(run / "pretrain" / "metrics.jsonl")
+    name = f"ref-{run.name}"
+    samples = sample_tiles(cfg, rd, 64, "pretrain", work / name / "samples")
+    tiles = np.stack([np.asarray(__import__("PIL.Image").Image.open(samples / f"{k:06d}.png").convert("RGB"))
+                      for k in range(64)])
+    np.save(work / name / "samples.npy", tiles)
+    save_image(grid(tiles, ncol=8), OUT / f"{name}.png", scale=2)
+    return {"trial": name, "what": f"the protocol run {run} ({cfg.data.resolution} px, its config's pre-training)",
+            "autoencoder": f"{run.name}", "steps": done["steps"], "wall_minutes": round(done["wall_seconds"] / 60, 1),
+            "final_loss": round(float(np.mean([r["loss"] for r in log[-5:]])), 4),
+            "latents_per_s": round(float(np.median([r["images_per_s"] for r in log[1:]])), 1),
+            "grid": f"pretrain_trials/{name}.png"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "pcam-fewlabel.yaml")
@@ -194,6 +213,8 @@ def main() -> None:
     ap.add_argument("--ae-steps", type=int, default=2000)
     ap.add_argument("--only", default="", help="comma-separated trial names")
     ap.add_argument("--score-only", action="store_true", help="only (re)score the trials already run")
+    ap.add_argument("--reference", type=Path, action="append", default=[],
+                    help="a finished run directory whose pre-trained model joins the table (64 samples)")
     args = ap.parse_args()
     names = [] if args.score_only else [n for n in TRIALS if not args.only or n in args.only.split(",")]
     results_file = OUT / "trials.json"
@@ -208,6 +229,8 @@ def main() -> None:
         previous["trials"][name] = run_trial(args.config, args.work, name, args.minutes, aes[key][0])
         write_json(results_file, previous)
         print(json.dumps(previous["trials"][name]), flush=True)
+    for run in args.reference:
+        previous["trials"][f"ref-{run.name}"] = reference(args.work, run)
     score(args.work, previous["trials"])
     write_json(results_file, previous)
     command = "python bench/pretrain_trials.py " + " ".join(sys.argv[1:])
