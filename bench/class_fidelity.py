@@ -27,6 +27,7 @@ from histodiffusion.config import load_config
 from histodiffusion.diffusion.generate import generate
 from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import unet_eps_fn
+from histodiffusion.errors import UserError
 from histodiffusion.io import write_json, write_text
 from histodiffusion.models.autoencoder import reconstruct_tiles
 from histodiffusion.models.image_classifier import (
@@ -152,6 +153,9 @@ def main() -> None:
     print(json.dumps(limits), flush=True)
     if args.ceiling_only:
         path = out / f"class_fidelity_{args.budget}.json"
+        if not path.is_file():
+            raise UserError(f"--ceiling-only adds to an existing result, and {path} does not exist: "
+                            "run the same command without --ceiling-only first")
         result = json.loads(path.read_text())
         result.setdefault("oracle_backbone", cfg.evaluate.classifier.backbone)
         result.setdefault("per_class", args.per_class)
