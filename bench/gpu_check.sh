@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The cpu profile's LDM pre-training on one GPU, with bf16 autocast, through `accelerate launch`.
 #
-# Inputs (prepared on the CPU machine, carried to the GPU one; see bench/README.md):
-#   .gpu/run/   a protocol run's data manifests, autoencoder and latent cache (data/, autoencoder/,
-#               latents/ with their DONE markers), so pre-training starts from the same latents
-#   .whl/       wheels of what the GPU image lacks (diffusers, pydantic, typer, ...)
+# Inputs (prepared on the CPU machine, both ignored by git, carried to the GPU one):
+#   .gpu/run/   a protocol run's data manifests, autoencoder and latent cache, so pre-training
+#               starts from the same latents:  S=runs/pcam-fewlabel R=.gpu/run
+#               mkdir -p $R/data && cp $S/data/{DONE,STATE.json,pool.csv,classes.json,counts.json} $R/data/
+#               cp -r $S/autoencoder $S/latents $R/   (autoencoder/checkpoints may be left out)
+#   .whl/       wheels of what the GPU image lacks (diffusers, pydantic, pydantic_core, typer,
+#               annotated_types, typing_inspection, importlib_metadata, typing_extensions)
+# Without a time limit (the preset's full 4000 steps): PROFILE_MINUTES=60 PROFILE_LIMIT=600.
 # Output under $OUT: gpu_check.log, phases.txt, and what `bench/gpu_check.py measure` writes.
 #
 # Runs:  profile  the cpu preset as is (4000 steps of 64, bf16)

@@ -89,7 +89,7 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct_tiles(vae: AutoencoderKL, tiles: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """uint8 tiles (N, H, W, 3) as the autoencoder gives them back: what a latent model can reach."""
+    """uint8 tiles (N, H, W, 3) as the autoencoder gives them back (what it keeps of them)."""
     device = next(vae.parameters()).device
     parts = [tensor_to_tiles(reconstruct(vae, tiles_to_tensor(tiles[i:i + batch_size]).to(device)))
              for i in range(0, len(tiles), batch_size)]
