@@ -180,8 +180,13 @@ def score(args) -> None:
         kid, kid_std = kernel_inception_distance(real, fake, subset_size=min(len(fake), 512))
         scores[name] = {"kid": round(kid, 5), "kid_std": round(kid_std, 5),
                         "fd": round(frechet_distance(real, fake), 4), "n_samples": len(fake), "n_real": len(real)}
+        # The same seeds as the CPU-trained model: how far apart are the tiles, in grey levels?
+        diff = np.abs(tiles.astype(np.int16) - sets["cpu-profile (CPU)"].astype(np.int16)).mean((1, 2, 3))
+        scores[name].update(vs_cpu_mean_abs=round(float(diff.mean()), 2), vs_cpu_max_tile=round(float(diff.max()), 2))
         slug = name.split(" ")[0]
         compact_png(save_image(grid(tiles[:64]), RESULTS / f"samples_{slug}.png", scale=2))
+    cpu = sets["cpu-profile (CPU)"].astype(np.int16)
+    result["unrelated_tiles_mean_abs"] = round(float(np.abs(cpu - cpu[::-1]).mean()), 2)  # seed k vs seed N-1-k
     compact_png(save_image(grid(cache.take(rows[:64])), RESULTS / "real_pool.png", scale=2))
     cpu_state = read_json(cpu_run / "pretrain" / "DONE")
     result["scores"] = scores
@@ -230,9 +235,13 @@ def markdown(r: dict) -> str:
         n = next(iter(r["scores"].values()))["n_samples"]
         lines += ["", f"## Sample quality: {n} samples (seeds 0-{n - 1}, DDIM-50) vs 1024 real pool tiles", "",
                   "SimCLR (ResNet-18) features of `bench/pretrain_trials.py`; lower is better.", "",
-                  "| model | KID | KID std | FD | grid |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['kid']} | {v['kid_std']} | {v['fd']} | ![](samples_{k.split(' ')[0]}.png) |"
-                  for k, v in r["scores"].items()]
+                  "Last two columns: mean absolute difference to the CPU-trained model's tile of the same seed, in "
+                  f"grey levels (0-255), over all tiles and for the farthest tile; two unrelated tiles of the CPU "
+                  f"model differ by {r.get('unrelated_tiles_mean_abs')}.", "",
+                  "| model | KID | KID std | FD | vs CPU, mean | vs CPU, farthest tile | grid |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['kid']} | {v['kid_std']} | {v['fd']} | {v['vs_cpu_mean_abs']} | {v['vs_cpu_max_tile']} | "
+                  f"![](samples_{k.split(' ')[0]}.png) |" for k, v in r["scores"].items()]
         lines += ["", "Real pool tiles: ![](real_pool.png)"]
     return "\n".join(lines) + "\n"
 

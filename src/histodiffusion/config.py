@@ -505,9 +505,9 @@ class ExperimentConfig(_Section):
         full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS)
         for dotted in (*_NON_SEMANTIC, *exclude):
             parent, _, leaf = dotted.rpartition(".")
-            node = _get_path(full, parent) if parent else full
+            node = get_path(full, parent) if parent else full
             node.pop(leaf, None)
-        part = {s: _get_path(full, s) for s in sections} if sections else full
+        part = {s: get_path(full, s) for s in sections} if sections else full
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -526,7 +526,8 @@ def _drop_keys(tree: Any, keys: frozenset[str]) -> Any:
     return tree
 
 
-def _get_path(tree: dict, dotted: str) -> Any:
+def get_path(tree: dict, dotted: str) -> Any:
+    """The value at a dotted path ("pretrain.train.steps"; list items by index) of a config dict."""
     node: Any = tree
     for part in dotted.split("."):
         node = node[int(part)] if isinstance(node, list) else node[part]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from histodiffusion.config import ExperimentConfig, budget_name
+from histodiffusion.config import ExperimentConfig, budget_name, get_path
 from histodiffusion.errors import UserError
 from histodiffusion.progress import console
 from histodiffusion.rundir import RunDir
@@ -90,10 +90,7 @@ def training_steps(stage: Stage, cfg: ExperimentConfig) -> dict[str, int]:
 
     full = cfg.to_dict()
     for section in stage.sections:
-        node = full
-        for part in section.split("."):
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        walk(node, section)
+        walk(get_path(full, section), section)
     return found
 
 
