@@ -7,7 +7,8 @@ agreement with the target class is reported, overall and per class. Unguided (sc
 sit near the class prior. Also: guided-synthesis throughput, fp32 vs bf16.
 
     python bench/class_fidelity.py --config configs/pcam-fewlabel.yaml --run-dir runs/pcam-fewlabel --budget 1pct
-Writes bench/results/<task>/class_fidelity_<budget>.{json,md} and per-class grids.
+Writes bench/results/<task>/class_fidelity_<budget>.{json,md} and per-class grids (under
+bench/results/<task>/<variant>/ with ``--variant NAME``). The oracle is the same for every variant.
 """
 
 from __future__ import annotations
@@ -142,11 +143,13 @@ def main() -> None:
     ap.add_argument("--ceiling-n", type=int, default=512, help="valid tiles for the oracle-on-real rows")
     ap.add_argument("--ceiling-only", action="store_true",
                     help="add the oracle-on-real rows to an existing result without synthesizing again")
+    ap.add_argument("--variant", default=None,
+                    help="file the results under bench/results/<task>/<variant>/ (as run_protocol.py --variant)")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     run, data = args.run_dir, args.run_dir / "data"
     classes = classes_of(data)
-    out = REPO / "bench" / "results" / cfg.experiment
+    out = REPO / "bench" / "results" / cfg.experiment / (args.variant or "")
     model, oracle_valid = oracle(cfg, data, REPO / "bench" / "work" / cfg.experiment, args.oracle_steps)
     vae = load_vae(run / "autoencoder")
     limits = ceiling(model, vae, data, classes, args.ceiling_n, cfg.seed)
