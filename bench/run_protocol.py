@@ -67,17 +67,20 @@ def generation_table(task: str, gens: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def copy_report(src: Path, dst: Path, shared: Path | None = None) -> None:
+def copy_report(src: Path, dst: Path, shared: list[Path] = ()) -> None:
     """``report.md`` and the images it links to (not the self-contained HTML, which repeats them);
     images over 1 MB are stored with a 256-colour palette (the originals stay in the run directory).
-    An image identical to the one of the same name in ``shared`` (the configured run's report, when
-    filing a variant) is linked there instead of stored twice."""
+    An image identical to the one of the same name in a folder of ``shared`` (the configured run's
+    report and the other variants' reports, when filing a variant) is linked there instead of
+    stored twice."""
     text = (src / "report.md").read_text()
     for name in sorted(set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))):
         copy = compact_png(io.write_bytes(dst / name, (src / name).read_bytes()))
-        if shared is not None and (shared / name).is_file() and (shared / name).read_bytes() == copy.read_bytes():
+        same = next((d / name for d in shared if (d / name).is_file()
+                     and (d / name).read_bytes() == copy.read_bytes()), None)
+        if same is not None:
             copy.unlink()
-            text = text.replace(f"]({name})", f"]({os.path.relpath(shared / name, dst)})")
+            text = text.replace(f"]({name})", f"]({os.path.relpath(same, dst)})")
     io.write_text(dst / "report.md", text)
 
 
@@ -112,7 +115,8 @@ def main() -> None:
         gen = rd.root / "generation" / name / "generation.json"
         if gen.is_file():
             gens[name] = io.read_json(gen)
-    copy_report(rd.root / "report", out / "report", task_results / "report" if args.variant else None)
+    others = sorted(p for p in task_results.glob("*/report") if p != out / "report")
+    copy_report(rd.root / "report", out / "report", [task_results / "report", *others] if args.variant else [])
     if gens:
         io.write_json(out / "generation.json", {"task": cfg.experiment, "command": command, "machine": machine(),
                                                 "budgets": gens})
