@@ -73,6 +73,14 @@ def test_bad_set_value_exit_2() -> None:
     assert "data.resolution: Input should be greater than or equal to 8" in msg
 
 
+def test_set_mapping_without_space_and_emoji_codes_exit_2() -> None:
+    msg = _user_error(cli("config", str(CONFIGS / "smoke.yaml"), "--set", "synthesize.class_scales={a:100}"))
+    assert "'a:100' reads as a key with no value" in msg and "(write {a: 100})" in msg
+    # rich would render ":100:" as an emoji; a key must be printed as typed
+    msg = _user_error(cli("config", str(CONFIGS / "smoke.yaml"), "--set", "data.x:100:=3"))
+    assert "data.x:100:: unknown key. Allowed here:" in msg
+
+
 def test_missing_data_root_exit_2(tmp_path: Path) -> None:
     msg = _user_error(cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--run-dir", str(tmp_path / "r"),
                           "--data-root", str(tmp_path / "nowhere")))

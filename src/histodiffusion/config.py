@@ -544,6 +544,16 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _glued_keys(value: Any) -> list[str]:
+    """Mapping keys like ``a:1`` with no value: YAML's reading of ``{a:1}`` (no space after the colon)."""
+    if isinstance(value, dict):
+        own = [str(k) for k, v in value.items() if v is None and ":" in str(k)]
+        return own + [g for v in value.values() for g in _glued_keys(v)]
+    if isinstance(value, list):
+        return [g for v in value for g in _glued_keys(v)]
+    return []
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``key.sub=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -556,6 +566,10 @@ def apply_override(raw: dict, assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({err})") from err
+    glued = _glued_keys(value)
+    if glued:
+        raise ConfigError(f"--set {assignment!r}: {glued[0]!r} reads as a key with no value; YAML needs a space "
+                          f"after the colon (write {{{glued[0].replace(':', ': ', 1)}}})")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -616,7 +630,7 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
             allowed = sorted(parent.model_fields) if parent else []
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            msg = f"unknown key{hint} Allowed here: {', '.join(allowed)}"
+            msg = f"unknown key{hint or '.'} Allowed here: {', '.join(allowed)}"
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:

@@ -51,7 +51,7 @@ PATHMNIST_SIZES = (28, 64, 128, 224)
 PCAM_CLASSES = ("0_no_tumor", "1_metastatic_tumor")
 USER_AGENT = "histodiffusion-fetch"
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, emoji=False)
 # Errors of a connection that dropped after the response started: retried, resuming on disk.
 _DROPPED = (http.client.IncompleteRead, ConnectionError, TimeoutError, socket.timeout)
 
