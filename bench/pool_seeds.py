@@ -18,6 +18,7 @@ from pathlib import Path
 from histodiffusion.cli import guarded
 from histodiffusion.errors import UserError
 from histodiffusion.io import write_json
+from histodiffusion.report import fmt_ci
 from histodiffusion.stages.evaluate import summarize
 
 
@@ -55,12 +56,8 @@ def main() -> None:
     print(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); accuracy in %, gains in points\n")
     print("| arm | accuracy | paired gain in accuracy | balanced accuracy gain |\n|---|---|---|---|")
     for arm in arms:
-        acc = summary[arm]["accuracy"]
-        cells = [f"{100 * acc['mean']:.1f} [{100 * acc['ci_low']:.1f}, {100 * acc['ci_high']:.1f}]"]
-        for m in ("accuracy", "balanced_accuracy"):
-            g = gains.get(arm, {}).get(m)
-            cells.append("—" if g is None else
-                         f"{100 * g['mean']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
+        cells = [fmt_ci(summary[arm]["accuracy"])]
+        cells += ["—" if arm not in gains else fmt_ci(gains[arm][m], signed=True) for m in ("accuracy", "balanced_accuracy")]
         print(f"| {arm} | " + " | ".join(cells) + " |")
     if args.out:
         write_json(args.out, {"budget": args.budget, "run_dirs": [str(p) for p in args.run_dirs], "seeds": seeds,

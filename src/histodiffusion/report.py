@@ -101,13 +101,14 @@ def _relative(path: Path, base: Path) -> str:
         return str(path)
 
 
-def fmt_ci(stat: dict | None, scale: float = 100.0) -> str:
-    """'83.1 [81.0, 85.2]' from a mean/ci dict (percent by default)."""
+def fmt_ci(stat: dict | None, scale: float = 100.0, signed: bool = False) -> str:
+    """'83.1 [81.0, 85.2]' from a mean/ci dict (percent by default); ``signed``: '+1.2 [-0.3, +2.7]'."""
     if not stat or stat.get("mean") is None:
         return "-"
+    f = "+.1f" if signed else ".1f"
     if stat.get("ci_low") is None:
-        return f"{stat['mean'] * scale:.1f}"
-    return f"{stat['mean'] * scale:.1f} [{stat['ci_low'] * scale:.1f}, {stat['ci_high'] * scale:.1f}]"
+        return f"{stat['mean'] * scale:{f}}"
+    return f"{stat['mean'] * scale:{f}} [{stat['ci_low'] * scale:{f}}, {stat['ci_high'] * scale:{f}}]"
 
 
 def save_figure(fig, path: Path) -> Path:
