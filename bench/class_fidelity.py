@@ -28,7 +28,6 @@ from histodiffusion.config import load_config
 from histodiffusion.diffusion.generate import generate
 from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import unet_eps_fn
-from histodiffusion.errors import UserError
 from histodiffusion.io import write_json, write_text
 from histodiffusion.models.autoencoder import reconstruct_tiles
 from histodiffusion.models.image_classifier import (
@@ -142,7 +141,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--ceiling-n", type=int, default=512, help="valid tiles for the oracle-on-real rows")
     ap.add_argument("--ceiling-only", action="store_true",
-                    help="add the oracle-on-real rows to an existing result without synthesizing again")
+                    help="the oracle-on-real rows only, without synthesizing: added to an existing result, "
+                         "else printed (needs only the run's data and autoencoder)")
     ap.add_argument("--variant", default=None,
                     help="file the results under bench/results/<task>/<variant>/ (as run_protocol.py --variant)")
     args = ap.parse_args()
@@ -157,8 +157,9 @@ def main() -> None:
     if args.ceiling_only:
         path = out / f"class_fidelity_{args.budget}.json"
         if not path.is_file():
-            raise UserError(f"--ceiling-only adds to an existing result, and {path} does not exist: "
-                            "run the same command without --ceiling-only first")
+            print(f"no result at {path} to add these rows to: printed only (run without --ceiling-only "
+                  "to synthesize and file a full result)")
+            return
         result = json.loads(path.read_text())
         result.setdefault("oracle_backbone", cfg.evaluate.classifier.backbone)
         result.setdefault("per_class", args.per_class)

@@ -211,3 +211,27 @@ def test_pool_seeds_pools_disjoint_seeds_and_refuses_a_repeated_one(tmp_path: Pa
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "seed 0" in proc.stderr and "disjoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_oracle_agreement_names_a_missing_synthesize_stage(tmp_path: Path) -> None:
+    """bench/oracle_agreement.py on a run with no synthetic tiles says which stage to run, exit code 2."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "oracle_agreement.py"), "--config",
+                           str(CONFIGS / "smoke.yaml"), "--run-dir", str(tmp_path / "run"), "--budget", "1pct"],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    message = _user_error(proc)
+    assert str(tmp_path / "run" / "synthesize" / "1pct" / "guided" / "manifest.csv") in message
+    assert "synthesize stage" in message
+
+
+def test_oracle_agreement_counts_per_class() -> None:
+    """Agreement overall and per class; a class with no tiles reads None, not a division by zero."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from oracle_agreement import agreement
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    result = agreement(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), ["a", "b", "c"])
+    assert result["agreement"] == pytest.approx(0.75)
+    assert result["per_class"]["a"] == {"tiles": 2, "agreement": 0.5}
+    assert result["per_class"]["b"] == {"tiles": 2, "agreement": 1.0}
+    assert result["per_class"]["c"] == {"tiles": 0, "agreement": None}
