@@ -20,7 +20,6 @@ from class_fidelity import REPO, oracle
 
 from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
-from histodiffusion.data.images import read_rgb
 from histodiffusion.errors import UserError
 from histodiffusion.io import write_json, write_text
 from histodiffusion.models.image_classifier import predict_logits
@@ -63,10 +62,10 @@ def main() -> None:
               "command": "python bench/oracle_agreement.py " + " ".join(sys.argv[1:])}
     accepted = run / "select" / args.budget / args.generator / "accepted.csv"
     kept = read_manifest_rows(accepted) if accepted.is_file() else []
-    if kept:
-        sel_targets = np.array([classes.index(r["label"]) for r in kept], dtype=np.int64)
-        sel_pred = predict_logits(model, np.stack([read_rgb(r["path"]) for r in kept])).argmax(1)
-        result["selected"] = agreement(sel_pred, sel_targets, classes)
+    if kept:  # a subset of the tiles scored above, found by their per-sample index
+        position = {r["index"]: i for i, r in enumerate(rows)}
+        sel = np.array([position[r["index"]] for r in kept], dtype=np.int64)
+        result["selected"] = agreement(pred[sel], targets[sel], classes)
     out = REPO / "bench" / "results" / cfg.experiment / (args.variant or "")
     write_json(out / f"oracle_agreement_{args.budget}.json", result)
     lines = [f"# The oracle on the pipeline's own {args.generator} tiles: {cfg.experiment}, {args.budget}", "",
