@@ -37,6 +37,9 @@ OUT = REPO / "bench" / "results" / "pretrain_trials"
 
 # Autoencoders the trials share: resolution, downsampling and layout.
 GLOBAL = ["autoencoder.latent_normalization=global"]
+PC64 = ["data.resolution=64", "autoencoder.arch.downsample_factor=4", "autoencoder.arch.channels=[32,64,64]",
+        "autoencoder.arch.latent_channels=3", "autoencoder.train_crop=32", "autoencoder.latent_normalization=per_channel"]
+SCALE_EQ = ["autoencoder.scale_equivariance_weight=0.5"]
 AUTOENCODERS = {
     "64px-f4": ["data.resolution=64", "autoencoder.arch.downsample_factor=4", "autoencoder.arch.channels=[32,64,64]",
                 "autoencoder.arch.latent_channels=3", "autoencoder.train_crop=32"] + GLOBAL,
@@ -45,15 +48,18 @@ AUTOENCODERS = {
     "64px-f8": ["data.resolution=64", "autoencoder.arch.downsample_factor=8",
                 "autoencoder.arch.channels=[32,64,64,64]", "autoencoder.arch.latent_channels=4",
                 "autoencoder.train_crop=32"] + GLOBAL,
-    "64px-f4-pc": ["data.resolution=64", "autoencoder.arch.downsample_factor=4",
-                   "autoencoder.arch.channels=[32,64,64]", "autoencoder.arch.latent_channels=3",
-                   "autoencoder.train_crop=32", "autoencoder.latent_normalization=per_channel"],
+    "64px-f4-pc": PC64,
+    # The same recipe trained again (2026-11-27), beside the scale-equivariance variants.
+    "64px-f4-pc-rerun": PC64,
+    "64px-f4-pc-se": PC64 + SCALE_EQ,
+    "64px-f4-pc-gan": PC64 + ["autoencoder.disc_weight=0.1", "autoencoder.disc_start=1000"],
 }
 UNET_SMALL = ["pretrain.unet.channels=[64,128,128]", "pretrain.unet.layers_per_block=1"]
 UNET_WIDE = ["pretrain.unet.channels=[96,192,192]", "pretrain.unet.layers_per_block=2"]
 UNET_MID = ["pretrain.unet.channels=[64,128,256]", "pretrain.unet.layers_per_block=1"]
 V_MINSNR = ["diffusion.prediction_type=v_prediction", "diffusion.min_snr_gamma=5"]
 BF16 = ["pretrain.train.mixed_precision=bf16"]
+PRESET_LDM = UNET_SMALL + V_MINSNR + BF16  # trial I's settings, which the cpu preset took
 # name: (autoencoder, LDM overrides, what it tests)
 TRIALS = {
     "A-64f4-eps": ("64px-f4", UNET_SMALL, "64 px, f=4 (16x16x3), 4.4M UNet, eps, sqrt-linear, lr 5e-4, fp32"),
@@ -76,6 +82,14 @@ TRIALS = {
                                       "I with F/G's 14.5M UNet: separates UNet size from resolution"),
     "F30-32f4-wide-v-bf16": ("32px-f4", UNET_WIDE + V_MINSNR + BF16,
                              "F given the preset's pre-training time (run with --minutes 30)"),
+    "I2-64f4-v-bf16-pc-rerun": ("64px-f4-pc-rerun", PRESET_LDM,
+                                "I again (its autoencoder retrained too), beside L and N on the same machine"),
+    "I2-40min": ("64px-f4-pc-rerun", PRESET_LDM,
+                 "I2 continued for 30 more minutes (40 in all; its work folder started as a copy of I2's)"),
+    "L-64f4-v-bf16-pc-scaleeq": ("64px-f4-pc-se", PRESET_LDM,
+                                 "I on an autoencoder trained with the scale-equivariance term (weight 0.5)"),
+    "N-64f4-v-bf16-pc-gan": ("64px-f4-pc-gan", PRESET_LDM,
+                             "I on an autoencoder with a patch discriminator (weight 0.1 from step 1000)"),
 }
 
 
@@ -136,7 +150,9 @@ def score(work: Path, trials: dict, seed: int = 0) -> None:
         train_feature_encoder,
     )
 
-    cache = TileCache(work / "ae-64px-f4" / "data" / "cache" / "pool")
+    # Real tiles from any 64 px autoencoder folder: they all hold the same pool cache.
+    ae64 = next(work / f"ae-{k}" for k in AUTOENCODERS if k.startswith("64px-f4") if (work / f"ae-{k}").is_dir())
+    cache = TileCache(ae64 / "data" / "cache" / "pool")
     folder = work / "features-encoder"
     if not (folder / "config.json").is_file():
         encoder = train_feature_encoder(cache.take(np.arange(len(cache))), 600, 64, 1e-3, seed, "resnet18")
@@ -151,7 +167,7 @@ def score(work: Path, trials: dict, seed: int = 0) -> None:
         fake = extract_features(encoder, np.load(samples)).astype(np.float64)
         kid, kid_std = kernel_inception_distance(real, fake, subset_size=len(fake))
         record.update({"kid": round(kid, 5), "kid_std": round(kid_std, 5), "fd": round(frechet_distance(real, fake), 4),
-                       "n_real": len(real), "n_samples": len(fake)})
+                       "n_real": len(real), "n_samples": len(fake), "scored_in": work.name})
 
 
 def real_grid(ae: RunDir, resolution: int) -> None:
@@ -173,15 +189,17 @@ def markdown(rows: list[dict], aes: dict, command: str) -> str:
     if scored:
         lines += ["", "KID and FD: the 64 samples of each trial vs 1024 real pool tiles in a SimCLR (ResNet-18) "
                   "feature space trained on the 64 px pool; lower is better; FD with 64 samples is biased upwards, "
-                  "KID is not."]
+                  "KID is not. Scores compare only within one `encoder` (the work folder whose SimCLR encoder "
+                  "scored them: each folder trains its own)."]
     lines += ["", "Trials A-G used the global latent scale (the original LDM recipe); H and later the per-channel "
               "normalisation that became the default. Final losses are not comparable across objectives "
               "(eps vs v, min-SNR weighting) or schedules.", "",
-              "| trial | setting | steps | wall (min) | final loss | latents/s |" + (" KID | FD |" if scored else "")
-              + " samples |", "|---|---|---|---|---|---|" + ("---|---|" if scored else "") + "---|"]
+              "| trial | setting | steps | wall (min) | final loss | latents/s |" + (" KID | FD | encoder |" if scored else "")
+              + " samples |", "|---|---|---|---|---|---|" + ("---|---|---|" if scored else "") + "---|"]
     for r in rows:
         lines.append(f"| {r['trial']} | {r['what']} | {r['steps']} | {r['wall_minutes']} | {r['final_loss']} | "
-                     f"{r['latents_per_s']} |" + (f" {r.get('kid', '-')} | {r.get('fd', '-')} |" if scored else "")
+                     f"{r['latents_per_s']} |"
+                     + (f" {r.get('kid', '-')} | {r.get('fd', '-')} | {r.get('scored_in', 'trials-bench')} |" if scored else "")
                      + f" ![]({r['grid'].split('/')[-1]}) |")
     return "\n".join(lines) + "\n"
 
@@ -205,6 +223,30 @@ def reference(work: Path, run: Path) -> dict:
             "grid": f"pretrain_trials/{name}.png"}
 
 
+def reconstruction_row(work: Path, key: str | None, n: int = 64, seed: int = 0) -> dict:
+    """An autoencoder's reconstructions of ``n`` pool tiles outside the 1024 real tiles ``score`` uses,
+    as a table row: the best a sample decoded by it can score (the LDM adds its own error on top).
+    ``key`` None: those real tiles themselves (the score's floor for 64 tiles)."""
+    from histodiffusion.models.autoencoder import reconstruct_tiles
+    from histodiffusion.stages.autoencoder import load_vae
+
+    rd = RunDir(work / f"ae-{key or next(k for k in AUTOENCODERS if (work / f'ae-{k}').is_dir())}")
+    cache = TileCache(rd.root / "data" / "cache" / "pool")
+    real = np.random.default_rng(seed).choice(len(cache), size=min(1024, len(cache)), replace=False)
+    rest = np.setdiff1d(np.arange(len(cache)), real)
+    rows = np.sort(np.random.default_rng(seed + 1).choice(rest, size=min(n, len(rest)), replace=False))
+    tiles = cache.take(rows) if key is None else reconstruct_tiles(load_vae(rd.root / "autoencoder"), cache.take(rows))
+    name = "real-pool" if key is None else f"rec-{key}"
+    (work / name).mkdir(parents=True, exist_ok=True)
+    np.save(work / name / "samples.npy", tiles)
+    save_image(grid(tiles, ncol=8), OUT / f"{name}.png", scale=2)
+    what = (f"no model: {len(rows)} other real pool tiles (the floor of the scores)" if key is None else
+            f"no LDM: the {key} autoencoder's reconstructions of the {len(rows)} tiles of row real-pool (the "
+            "ceiling for samples it decodes)")
+    return {"trial": name, "what": what, "autoencoder": key or "-", "steps": "-", "wall_minutes": "-",
+            "final_loss": "-", "latents_per_s": "-", "grid": f"pretrain_trials/{name}.png"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "pcam-fewlabel.yaml")
@@ -215,6 +257,9 @@ def main() -> None:
     ap.add_argument("--score-only", action="store_true", help="only (re)score the trials already run")
     ap.add_argument("--reference", type=Path, action="append", default=[],
                     help="a finished run directory whose pre-trained model joins the table (64 samples)")
+    ap.add_argument("--reconstructions", action="append", default=[], choices=sorted(AUTOENCODERS),
+                    help="an autoencoder (already trained under --work) whose reconstructions join the table, "
+                    "with the same real tiles as a floor row")
     args = ap.parse_args()
     names = [] if args.score_only else [n for n in TRIALS if not args.only or n in args.only.split(",")]
     results_file = OUT / "trials.json"
@@ -231,6 +276,10 @@ def main() -> None:
         print(json.dumps(previous["trials"][name]), flush=True)
     for run in args.reference:
         previous["trials"][f"ref-{run.name}"] = reference(args.work, run)
+    if args.reconstructions:
+        previous["trials"]["real-pool"] = reconstruction_row(args.work, None)
+    for key in args.reconstructions:
+        previous["trials"][f"rec-{key}"] = reconstruction_row(args.work, key)
     score(args.work, previous["trials"])
     write_json(results_file, previous)
     command = "python bench/pretrain_trials.py " + " ".join(sys.argv[1:])

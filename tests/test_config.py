@@ -128,6 +128,22 @@ def test_hash_ignores_settings_that_do_not_change_results() -> None:
     assert a.section_hash("pretrain") != c.section_hash("pretrain")
 
 
+def test_a_setting_added_later_leaves_old_hashes_alone_while_off() -> None:
+    """A run directory made before scale_equivariance_weight existed still matches at weight 0."""
+    import hashlib
+    import json
+
+    from histodiffusion.config import _NON_SEMANTIC_KEYS, _drop_keys
+
+    a = config_from_dict(_raw())
+    before = _drop_keys(a.to_dict(), _NON_SEMANTIC_KEYS)["autoencoder"]
+    before.pop("scale_equivariance_weight")  # the section as it was before the key was added
+    old_hash = hashlib.sha256(json.dumps({"autoencoder": before}, sort_keys=True).encode()).hexdigest()[:16]
+    assert a.section_hash("autoencoder") == old_hash
+    on = config_from_dict(_raw(), ["autoencoder.scale_equivariance_weight=0.5"])
+    assert on.section_hash("autoencoder") != old_hash
+
+
 def test_every_config_key_is_documented() -> None:
     """`histodiffusion config --keys` lists a meaning for every key (from the field docstrings)."""
     from histodiffusion.config import describe_keys

@@ -222,6 +222,12 @@ class AutoencoderCfg(_Section):
     """Patch-discriminator (hinge) weight in the generator loss (0: off)."""
     disc_start: Annotated[int, Field(ge=0)] = 2000
     """Step at which the discriminator switches on."""
+    scale_equivariance_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    """Weight of the scale-equivariance term (Skorokhodov et al. 2025, "Improving the diffusability
+    of autoencoders"): latents average-pooled by 2 must decode to the image average-pooled by 2,
+    with the same L1 + SSIM loss. It keeps coarse content in the latents' low frequencies, which a
+    diffusion model generates first. At 0.5 it made the cpu preset's samples worse
+    (bench/results/pretrain_trials/trials.md) (0: off)."""
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     """Pool tiles held out for reconstruction PSNR/SSIM."""
     latent_normalization: Literal["per_channel", "global"] = "per_channel"
@@ -507,6 +513,11 @@ class ExperimentConfig(_Section):
             parent, _, leaf = dotted.rpartition(".")
             node = get_path(full, parent) if parent else full
             node.pop(leaf, None)
+        for dotted, off in _ADDED_LATER.items():
+            parent, _, leaf = dotted.rpartition(".")
+            node = get_path(full, parent)
+            if node.get(leaf, off) == off:
+                node.pop(leaf, None)
         part = {s: get_path(full, s) for s in sections} if sections else full
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -516,6 +527,10 @@ _NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir")
 # Settings that never change a stage's results (exact resume makes checkpoint cadence irrelevant).
 _NON_SEMANTIC_KEYS = frozenset({"time_limit_minutes", "log_every", "checkpoint_every", "keep_checkpoints",
                                 "sample_every"})
+
+# Settings added after runs already existed, with the value that means "off": at that value they
+# stay out of the hash, so run directories made before they existed keep matching their config.
+_ADDED_LATER = {"autoencoder.scale_equivariance_weight": 0.0}
 
 
 def _drop_keys(tree: Any, keys: frozenset[str]) -> Any:

@@ -159,6 +159,13 @@ def run(ctx: StageContext) -> dict:
         kl = dist.kl().mean() / x[0].numel()
         loss = l1 + ae.ssim_weight * ssim_term + ae.kl_weight * kl
         metrics = {"loss": loss.item(), "l1": l1.item(), "ssim": 1 - ssim_term.item(), "kl": kl.item()}
+        if ae.scale_equivariance_weight > 0:
+            x_half = F.avg_pool2d(x, 2)
+            with accelerator.autocast():
+                rec_half = accelerator.unwrap_model(vae).decode(F.avg_pool2d(z, 2)).sample.float()
+            se = F.l1_loss(rec_half, x_half) + ae.ssim_weight * (1 - ssim(rec_half, x_half).mean())
+            loss = loss + ae.scale_equivariance_weight * se
+            metrics["scale_eq"] = se.item()
         if lpips is not None:
             p = lpips(rec.clamp(-1, 1), x)
             loss = loss + ae.perceptual_weight * p
@@ -168,6 +175,7 @@ def run(ctx: StageContext) -> dict:
             loss = loss + ae.disc_weight * g_adv
             metrics["g_adv"] = g_adv.item()
             last.update(fake=rec.detach(), real=x)
+        metrics["loss"] = loss.item()
         return loss, metrics
 
     def step_fn(step: int) -> dict:
