@@ -24,7 +24,7 @@ import torch
 from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
 from histodiffusion.data.cache import TileCache
-from histodiffusion.errors import StagePaused
+from histodiffusion.errors import StagePaused, UserError
 from histodiffusion.io import read_jsonl, write_json, write_text
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
@@ -86,6 +86,8 @@ TRIALS = {
                                 "I again (its autoencoder retrained too), beside L and N on the same machine"),
     "I2-40min": ("64px-f4-pc-rerun", PRESET_LDM,
                  "I2 continued for 30 more minutes (40 in all; its work folder started as a copy of I2's)"),
+    "I2-65min": ("64px-f4-pc-rerun", PRESET_LDM,
+                 "I2-40min continued for 25 more minutes (65 in all; its work folder started as a copy of I2-40min's)"),
     "L-64f4-v-bf16-pc-scaleeq": ("64px-f4-pc-se", PRESET_LDM,
                                  "I on an autoencoder trained with the scale-equivariance term (weight 0.5)"),
     "N-64f4-v-bf16-pc-gan": ("64px-f4-pc-gan", PRESET_LDM,
@@ -139,6 +141,14 @@ def run_trial(config: Path, work: Path, name: str, minutes: float, ae: RunDir) -
             "grid": f"pretrain_trials/{name}.png"}
 
 
+def pool_folder(work: Path) -> Path:
+    """The first 64 px, f=4 autoencoder folder under ``work``: they all hold the same 64 px pool cache."""
+    for key in AUTOENCODERS:
+        if key.startswith("64px-f4") and (work / f"ae-{key}").is_dir():
+            return work / f"ae-{key}"
+    raise UserError(f"no 64 px f=4 autoencoder folder (ae-64px-f4*) under {work}: run a 64 px trial first")
+
+
 def score(work: Path, trials: dict, seed: int = 0) -> None:
     """KID and FD of every trial's 64 samples vs 1024 real pool tiles, in a SimCLR histology feature
     space trained on the 64 px pool (the same encoder for every trial; 32 px samples are upsampled)."""
@@ -150,9 +160,7 @@ def score(work: Path, trials: dict, seed: int = 0) -> None:
         train_feature_encoder,
     )
 
-    # Real tiles from any 64 px autoencoder folder: they all hold the same pool cache.
-    ae64 = next(work / f"ae-{k}" for k in AUTOENCODERS if k.startswith("64px-f4") if (work / f"ae-{k}").is_dir())
-    cache = TileCache(ae64 / "data" / "cache" / "pool")
+    cache = TileCache(pool_folder(work) / "data" / "cache" / "pool")
     folder = work / "features-encoder"
     if not (folder / "config.json").is_file():
         encoder = train_feature_encoder(cache.take(np.arange(len(cache))), 600, 64, 1e-3, seed, "resnet18")
@@ -230,12 +238,12 @@ def reconstruction_row(work: Path, key: str | None, n: int = 64, seed: int = 0) 
     from histodiffusion.models.autoencoder import reconstruct_tiles
     from histodiffusion.stages.autoencoder import load_vae
 
-    rd = RunDir(work / f"ae-{key or next(k for k in AUTOENCODERS if (work / f'ae-{k}').is_dir())}")
-    cache = TileCache(rd.root / "data" / "cache" / "pool")
+    folder = work / f"ae-{key}" if key else pool_folder(work)
+    cache = TileCache(folder / "data" / "cache" / "pool")
     real = np.random.default_rng(seed).choice(len(cache), size=min(1024, len(cache)), replace=False)
     rest = np.setdiff1d(np.arange(len(cache)), real)
     rows = np.sort(np.random.default_rng(seed + 1).choice(rest, size=min(n, len(rest)), replace=False))
-    tiles = cache.take(rows) if key is None else reconstruct_tiles(load_vae(rd.root / "autoencoder"), cache.take(rows))
+    tiles = cache.take(rows) if key is None else reconstruct_tiles(load_vae(folder / "autoencoder"), cache.take(rows))
     name = "real-pool" if key is None else f"rec-{key}"
     (work / name).mkdir(parents=True, exist_ok=True)
     np.save(work / name / "samples.npy", tiles)
