@@ -56,6 +56,11 @@ def radial_power(a: torch.Tensor) -> np.ndarray:
     return (prof / prof.sum()).numpy()
 
 
+def _decode(vae, z: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Raw latents -> images in [-1, 1], in batches."""
+    return torch.cat([vae.decode(z[i:i + batch]).sample for i in range(0, len(z), batch)]).clamp(-1, 1)
+
+
 @torch.no_grad()
 def diagnose(run: Path, n: int, seed: int) -> tuple[dict, np.ndarray]:
     vae = load_vae(run / "autoencoder").eval()
@@ -66,8 +71,7 @@ def diagnose(run: Path, n: int, seed: int) -> tuple[dict, np.ndarray]:
     zn = normalize_latents(z, vae.config)
     edge = zn.shape[-1]
     lat, img = radial_power(zn), radial_power(F.interpolate(x, size=(edge, edge), mode="area"))
-    rec = torch.cat([vae.decode(z[i:i + 64]).sample for i in range(0, len(z), 64)]).clamp(-1, 1)
-    half = torch.cat([vae.decode(F.avg_pool2d(z[i:i + 64], 2)).sample for i in range(0, len(z), 64)]).clamp(-1, 1)
+    rec, half = _decode(vae, z), _decode(vae, F.avg_pool2d(z, 2))
     g = torch.Generator().manual_seed(seed)
     result = {"tiles": len(rows), "latent_shape": list(zn.shape[1:]),
               "reconstruction_psnr_db": round(float(psnr(rec, x).mean()), 2),
@@ -79,7 +83,7 @@ def diagnose(run: Path, n: int, seed: int) -> tuple[dict, np.ndarray]:
     shown = [tensor_to_tiles(x[:8]), tensor_to_tiles(rec[:8])]
     for s in NOISE:
         noisy = denormalize_latents(zn + s * torch.randn(zn.shape, generator=g), vae.config)
-        dec = torch.cat([vae.decode(noisy[i:i + 64]).sample for i in range(0, len(z), 64)]).clamp(-1, 1)
+        dec = _decode(vae, noisy)
         result[f"noise_{s}_psnr_db"] = round(float(psnr(dec, rec).mean()), 2)
         shown.append(tensor_to_tiles(dec[:8]))
     return result, np.concatenate(shown)

@@ -149,6 +149,11 @@ def pool_folder(work: Path) -> Path:
     raise UserError(f"no 64 px f=4 autoencoder folder (ae-64px-f4*) under {work}: run a 64 px trial first")
 
 
+def real_rows(n_tiles: int, seed: int) -> np.ndarray:
+    """The (sorted) pool rows of the up to 1024 real tiles every trial is scored against."""
+    return np.sort(np.random.default_rng(seed).choice(n_tiles, size=min(1024, n_tiles), replace=False))
+
+
 def score(work: Path, trials: dict, seed: int = 0) -> None:
     """KID and FD of every trial's 64 samples vs 1024 real pool tiles, in a SimCLR histology feature
     space trained on the 64 px pool (the same encoder for every trial; 32 px samples are upsampled)."""
@@ -166,7 +171,7 @@ def score(work: Path, trials: dict, seed: int = 0) -> None:
         encoder = train_feature_encoder(cache.take(np.arange(len(cache))), 600, 64, 1e-3, seed, "resnet18")
         save_encoder(encoder, folder)
     encoder = load_encoder(folder)
-    rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(1024, len(cache)), replace=False))
+    rows = real_rows(len(cache), seed)
     real = extract_features(encoder, cache.take(rows)).astype(np.float64)
     for name, record in trials.items():
         samples = work / name / "samples.npy"
@@ -240,8 +245,7 @@ def reconstruction_row(work: Path, key: str | None, n: int = 64, seed: int = 0) 
 
     folder = work / f"ae-{key}" if key else pool_folder(work)
     cache = TileCache(folder / "data" / "cache" / "pool")
-    real = np.random.default_rng(seed).choice(len(cache), size=min(1024, len(cache)), replace=False)
-    rest = np.setdiff1d(np.arange(len(cache)), real)
+    rest = np.setdiff1d(np.arange(len(cache)), real_rows(len(cache), seed))
     rows = np.sort(np.random.default_rng(seed + 1).choice(rest, size=min(n, len(rest)), replace=False))
     tiles = cache.take(rows) if key is None else reconstruct_tiles(load_vae(folder / "autoencoder"), cache.take(rows))
     name = "real-pool" if key is None else f"rec-{key}"

@@ -158,7 +158,7 @@ def run(ctx: StageContext) -> dict:
         # the KL sum divided by the number of pixel values beside it.
         kl = dist.kl().mean() / x[0].numel()
         loss = l1 + ae.ssim_weight * ssim_term + ae.kl_weight * kl
-        metrics = {"loss": loss.item(), "l1": l1.item(), "ssim": 1 - ssim_term.item(), "kl": kl.item()}
+        metrics = {"l1": l1.item(), "ssim": 1 - ssim_term.item(), "kl": kl.item()}
         if ae.scale_equivariance_weight > 0:
             x_half = F.avg_pool2d(x, 2)
             with accelerator.autocast():
@@ -175,8 +175,7 @@ def run(ctx: StageContext) -> dict:
             loss = loss + ae.disc_weight * g_adv
             metrics["g_adv"] = g_adv.item()
             last.update(fake=rec.detach(), real=x)
-        metrics["loss"] = loss.item()
-        return loss, metrics
+        return loss, {"loss": loss.item(), **metrics}
 
     def step_fn(step: int) -> dict:
         vae.train()
