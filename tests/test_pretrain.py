@@ -42,6 +42,22 @@ def test_latent_cache_normalised_per_channel(smoke_run: RunDir) -> None:
     assert torch.allclose(z.std(dim=(0, 2, 3)), torch.ones(3), atol=0.3)
 
 
+def test_latent_scale_is_measured_on_every_source(smoke_run: RunDir, smoke_cfg) -> None:
+    """The pool's rows come grouped by source; the tiles that set the normalisation must not be its first rows."""
+    from histodiffusion.data.sources import read_manifest
+    from histodiffusion.stages.autoencoder import PoolTiles
+
+    pool = PoolTiles(smoke_run.root / "data", smoke_cfg.autoencoder.holdout_fraction, smoke_cfg.seed)
+    sources = np.array([r.source for r in read_manifest(smoke_run.root / "data" / "pool.csv")])
+    n = len(pool.train) // 2
+    rows = pool.scale_rows(smoke_cfg.seed, size=n)
+    assert len(rows) == n and len(set(rows.tolist())) == n and np.all(np.diff(rows) > 0)
+    assert set(rows.tolist()) <= set(pool.train.tolist())
+    assert set(sources[rows]) == set(sources[pool.train]) != set(sources[pool.train[:n]])
+    assert np.array_equal(rows, pool.scale_rows(smoke_cfg.seed, size=n))
+    assert np.array_equal(pool.scale_rows(smoke_cfg.seed, size=10 * len(pool.train)), pool.train)
+
+
 def test_reconstructed_tiles_match_the_stage_psnr(smoke_run: RunDir, smoke_cfg) -> None:
     """reconstruct_tiles (uint8 in, uint8 out, any batch size) reproduces the autoencoder stage's held-out PSNR."""
     from histodiffusion.models.autoencoder import psnr, reconstruct_tiles, tiles_to_tensor
@@ -273,3 +289,4 @@ def test_latent_diagnostics_on_a_trained_autoencoder(smoke_run: RunDir, tmp_path
         assert np.isfinite(result[key]), key
     assert result["noise_0.2_psnr_db"] > result["noise_0.4_psnr_db"]  # more latent noise, further from the clean decode
     assert (out / "smoke.png").is_file() and "| smoke |" in (out / "README.md").read_text()
+

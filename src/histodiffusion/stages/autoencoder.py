@@ -68,6 +68,17 @@ class PoolTiles:
         """Row indices of a weighted random batch from the training part."""
         return self.train[rng.choice(len(self.train), size=size, p=self.p)]
 
+    def scale_rows(self, seed: int, size: int = SCALE_TILES) -> np.ndarray:
+        """Up to ``size`` distinct training rows drawn by the sampling weights (seeded, sorted).
+
+        The latent normalisation is measured on these, so it describes the latents the diffusion
+        model trains on. The pool's rows are grouped by source: its first rows would measure the
+        first source only.
+        """
+        n = min(size, int(np.count_nonzero(self.p)))
+        rng = np.random.default_rng([seed, 78])
+        return np.sort(self.train[rng.choice(len(self.train), size=n, replace=False, p=self.p)])
+
 
 def _crop(x: torch.Tensor, size: int | None, g: torch.Generator) -> torch.Tensor:
     """A random (size x size) crop at one offset per batch; the whole batch when size is None."""
@@ -207,7 +218,7 @@ def run(ctx: StageContext) -> dict:
                           "(train.time_limit_minutes); rerun the same command to continue.")
     model: AutoencoderKL = accelerator.unwrap_model(vae)
     metrics = evaluate(model, data.cache, data.holdout, device)
-    norm = measure_normalization(model, data.cache, data.train[:SCALE_TILES], device, cfg.seed,
+    norm = measure_normalization(model, data.cache, data.scale_rows(cfg.seed), device, cfg.seed,
                                  ae.latent_normalization == "per_channel")
     model.register_to_config(**norm)
     metrics.update(norm)
