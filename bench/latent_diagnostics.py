@@ -107,26 +107,38 @@ def markdown(results: dict[str, dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(ap: argparse.ArgumentParser, stage: str, tiles: int) -> None:
+    """The options the diagnostics share: named run directories, the output folder, tiles and seed."""
     ap.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR",
-                    help="a run directory with a finished autoencoder stage, under a short name")
+                    help=f"a run directory with a finished {stage} stage, under a short name")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--tiles", type=int, default=256)
+    ap.add_argument("--tiles", type=int, default=tiles)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    results = {}
-    for item in args.run:
+
+
+def named_runs(ap: argparse.ArgumentParser, items: list[str]) -> list[tuple[str, Path]]:
+    """``NAME=RUN_DIR`` options as (name, path) pairs; a malformed one stops with a usage error."""
+    pairs = []
+    for item in items:
         name, sep, path = item.partition("=")
         if not sep:
             ap.error(f"--run {item!r}: expected NAME=RUN_DIR")
-        result, tiles = diagnose(Path(path), args.tiles, args.seed)
-        results[name] = {"run": path, **result}
+        pairs.append((name, Path(path)))
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_arguments(ap, "autoencoder", tiles=256)
+    args = ap.parse_args()
+    results = {}
+    for name, path in named_runs(ap, args.run):
+        result, tiles = diagnose(path, args.tiles, args.seed)
+        results[name] = {"run": str(path), **result}
         save_image(grid(tiles, ncol=8), args.out / f"{name}.png", scale=2)
         print(name, {k: v for k, v in result.items() if "spectrum" not in k}, flush=True)
     write_json(args.out / "latent_diagnostics.json", results)
     write_text(args.out / "README.md", markdown(results, "python bench/latent_diagnostics.py " + " ".join(sys.argv[1:])))
-
 
 if __name__ == "__main__":
     guarded(main)

@@ -53,10 +53,16 @@ AUTOENCODERS = {
     "64px-f4-pc-rerun": PC64,
     "64px-f4-pc-se": PC64 + SCALE_EQ,
     "64px-f4-pc-gan": PC64 + ["autoencoder.disc_weight=0.1", "autoencoder.disc_start=1000"],
+    # The recipe again after the fix that measures the latent normalisation on the whole pool
+    # (2026-11-28); before it, the first 2048 training rows (EBHI tiles only) set it.
+    "64px-f4-pc-fixnorm": PC64,
 }
 UNET_SMALL = ["pretrain.unet.channels=[64,128,128]", "pretrain.unet.layers_per_block=1"]
 UNET_WIDE = ["pretrain.unet.channels=[96,192,192]", "pretrain.unet.layers_per_block=2"]
 UNET_MID = ["pretrain.unet.channels=[64,128,256]", "pretrain.unet.layers_per_block=1"]
+# Extra capacity only at the coarse levels (4x4, 2x2), where it costs little compute.
+UNET_DEEP = ["pretrain.unet.channels=[64,128,256,256]", "pretrain.unet.layers_per_block=1",
+             "pretrain.unet.attention_resolutions=[4,2]"]
 V_MINSNR = ["diffusion.prediction_type=v_prediction", "diffusion.min_snr_gamma=5"]
 BF16 = ["pretrain.train.mixed_precision=bf16"]
 PRESET_LDM = UNET_SMALL + V_MINSNR + BF16  # trial I's settings, which the cpu preset took
@@ -92,6 +98,18 @@ TRIALS = {
                                  "I on an autoencoder trained with the scale-equivariance term (weight 0.5)"),
     "N-64f4-v-bf16-pc-gan": ("64px-f4-pc-gan", PRESET_LDM,
                              "I on an autoencoder with a patch discriminator (weight 0.1 from step 1000)"),
+    "O-64f4-v-uniform": ("64px-f4-pc-rerun", UNET_SMALL + BF16 + ["diffusion.prediction_type=v_prediction",
+                                                                  "diffusion.min_snr_gamma=null"],
+                         "I2 with the plain v-prediction loss, no min-SNR weighting: the high-noise steps, "
+                         "which set the layout, weigh (1 + SNR) / min(SNR, 5) times more"),
+    "P-64f4-deep-v-bf16-pc": ("64px-f4-pc-rerun", UNET_DEEP + V_MINSNR + BF16,
+                              "I2 with an 18.1M UNet (64,128,256,256; attention at 4x4 and 2x2) whose added "
+                              "capacity sits at the coarse levels"),
+    "I3-64f4-v-bf16-pc-fixnorm": ("64px-f4-pc-fixnorm", PRESET_LDM,
+                                  "I2 with the latent normalisation measured on 2048 rows drawn from the whole "
+                                  "pool (the fix of 2026-11-28), not on its first 2048 rows"),
+    "I3-40min": ("64px-f4-pc-fixnorm", PRESET_LDM,
+                 "I3 continued for 30 more minutes (40 in all; its work folder started as a copy of I3's)"),
 }
 
 

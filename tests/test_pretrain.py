@@ -290,3 +290,21 @@ def test_latent_diagnostics_on_a_trained_autoencoder(smoke_run: RunDir, tmp_path
     assert result["noise_0.2_psnr_db"] > result["noise_0.4_psnr_db"]  # more latent noise, further from the clean decode
     assert (out / "smoke.png").is_file() and "| smoke |" in (out / "README.md").read_text()
 
+
+def test_denoise_levels_probe(smoke_run: RunDir, tmp_path: Path) -> None:
+    """bench/denoise_levels.py: a latent noised to t = 0 comes back almost unchanged, one started from
+    (almost) pure noise does not; it writes the table, the JSON and the grid."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "levels"
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "denoise_levels.py"), "--run",
+                           f"smoke={smoke_run.root}", "--out", str(out), "--tiles", "4", "--levels", "1,1000"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    levels = json.loads((out / "denoise_levels.json").read_text())["smoke"]["levels"]
+    assert levels["1"]["t"] == 0 and levels["1000"]["t"] == 999
+    assert levels["1"]["psnr_vs_reconstruction_db"] > 30
+    assert levels["1000"]["psnr_vs_reconstruction_db"] < levels["1"]["psnr_vs_reconstruction_db"] - 10
+    assert (out / "smoke.png").is_file() and "| smoke |" in (out / "README.md").read_text()
