@@ -110,6 +110,9 @@ TRIALS = {
                                   "pool (the fix of 2026-11-28), not on its first 2048 rows"),
     "I3-40min": ("64px-f4-pc-fixnorm", PRESET_LDM,
                  "I3 continued for 30 more minutes (40 in all; its work folder started as a copy of I3's)"),
+    "Q-64f4-wide-fixnorm": ("64px-f4-pc-fixnorm", UNET_WIDE + V_MINSNR + BF16,
+                            "I3 with K's 14.5M UNet (96,192,192, two blocks per level): capacity at the fine "
+                            "levels, given 25 minutes (run with --minutes 25)"),
 }
 
 
