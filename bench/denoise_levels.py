@@ -65,6 +65,7 @@ def probe(run: Path, n: int, seed: int, levels: tuple[int, ...]) -> tuple[dict, 
     vae = load_vae(run / "autoencoder").eval()
     unet, scheduler = load_unet(run / "pretrain")
     latents = LatentSet(run / "latents" / "pool")
+    n = min(n, len(latents))
     rows = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(latents), size=n, replace=False)))
     z = normalize_latents(latents.mean[rows], vae.config)
     alphas = scheduler.alphas_cumprod.float()
@@ -108,7 +109,12 @@ def main() -> None:
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)),
                     help="comma-separated start levels (1..T; T starts from almost pure noise)")
     args = ap.parse_args()
-    levels = tuple(int(v) for v in args.levels.split(","))
+    try:
+        levels = tuple(int(v) for v in args.levels.split(","))
+    except ValueError:
+        ap.error(f"--levels {args.levels!r}: expected comma-separated whole numbers, e.g. 100,500,1000")
+    if min(levels) < 1 or args.tiles < 1:
+        ap.error("--levels must be at least 1 and --tiles at least 1")
     results = {}
     for name, path in named_runs(ap, args.run):
         result, tiles = probe(path, args.tiles, args.seed, levels)
@@ -117,6 +123,7 @@ def main() -> None:
     write_json(args.out / "denoise_levels.json", results)
     write_text(args.out / "README.md", markdown(results, levels, "python bench/denoise_levels.py "
                                                 + " ".join(sys.argv[1:])))
+
 
 if __name__ == "__main__":
     guarded(main)

@@ -140,5 +140,6 @@ def main() -> None:
     write_json(args.out / "latent_diagnostics.json", results)
     write_text(args.out / "README.md", markdown(results, "python bench/latent_diagnostics.py " + " ".join(sys.argv[1:])))
 
+
 if __name__ == "__main__":
     guarded(main)
