@@ -76,6 +76,8 @@ def diagnose(run: Path, n: int, seed: int) -> tuple[dict, np.ndarray]:
     result = {"tiles": len(rows), "latent_shape": list(zn.shape[1:]),
               "reconstruction_psnr_db": round(float(psnr(rec, x).mean()), 2),
               "half_scale_psnr_db": round(float(psnr(half, F.avg_pool2d(x, 2)).mean()), 2),
+              "latent_channel_mean": [round(float(v), 3) for v in zn.mean(dim=(0, 2, 3))],
+              "latent_channel_std": [round(float(v), 3) for v in zn.std(dim=(0, 2, 3))],
               "latent_high_freq_share": round(float(lat[edge // 4:].sum()), 3),
               "image_high_freq_share": round(float(img[edge // 4:].sum()), 3),
               "latent_spectrum": [round(float(v), 4) for v in lat],
@@ -93,16 +95,19 @@ def markdown(results: dict[str, dict], command: str) -> str:
     lines = ["# Latent diagnostics of the autoencoders", "", f"Command: `{command}`",
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}", "",
-             "| autoencoder | run | latent | reconstruction PSNR (dB) | half-scale PSNR (dB) | "
-             "high-frequency power, latents (image) | noise 0.2 / 0.4 PSNR (dB) | grid |", "|---|---|---|---|---|---|---|---|"]
+             "| autoencoder | run | latent | channel mean / std | reconstruction PSNR (dB) | half-scale PSNR (dB) | "
+             "high-frequency power, latents (image) | noise 0.2 / 0.4 PSNR (dB) | grid |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | `{r['run']}` | {'x'.join(map(str, r['latent_shape'][::-1]))} | "
+                     f"{', '.join(map(str, r['latent_channel_mean']))} / {', '.join(map(str, r['latent_channel_std']))} | "
                      f"{r['reconstruction_psnr_db']} | {r['half_scale_psnr_db']} | {r['latent_high_freq_share']} "
                      f"({r['image_high_freq_share']}) | {r['noise_0.2_psnr_db']} / {r['noise_0.4_psnr_db']} | "
                      f"![]({name}.png) |")
     lines += ["", f"On {next(iter(results.values()))['tiles']} pool tiles. High-frequency power: the share of the "
               "spectrum at radius >= latent edge / 4, latents normalised; in brackets the same for the image "
-              "downsampled to the latent size. Grid rows: real tiles; reconstructions; decodes with latent noise "
+              "downsampled to the latent size. Channel mean / std: per channel, of the normalised latents (posterior "
+              "means), which the normalisation should put at 0 / 1. Grid rows: real tiles; reconstructions; decodes with latent noise "
               f"{NOISE[0]}; with noise {NOISE[1]}."]
     return "\n".join(lines) + "\n"
 

@@ -285,6 +285,7 @@ def test_latent_diagnostics_on_a_trained_autoencoder(smoke_run: RunDir, tmp_path
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "latent_diagnostics.json").read_text())["smoke"]
     assert result["tiles"] == 16
+    assert len(result["latent_channel_mean"]) == len(result["latent_channel_std"]) == 3
     for key in ("reconstruction_psnr_db", "half_scale_psnr_db", "noise_0.2_psnr_db", "noise_0.4_psnr_db"):
         assert np.isfinite(result[key]), key
     assert result["noise_0.2_psnr_db"] > result["noise_0.4_psnr_db"]  # more latent noise, further from the clean decode
