@@ -6,6 +6,10 @@ model, and records steps, wall time, final loss and throughput. Writes
 ``bench/results/pretrain_trials/<trial>.png``, ``real_<res>px.png`` and ``trials.{json,md}``.
 
     python bench/pretrain_trials.py --config configs/pcam-fewlabel.yaml --minutes 12
+
+Rows without an LDM put the scores in scale: ``--reconstructions KEY`` (an autoencoder's
+reconstructions, and real tiles) and ``--gaussian KEY`` (latents drawn from a Gaussian fitted to the
+pool latents: colour and texture, no shapes). ``bench/two_sample_test.py`` is the stricter judge.
 """
 
 from __future__ import annotations
@@ -110,6 +114,11 @@ TRIALS = {
                                   "pool (the fix of 2026-11-28), not on its first 2048 rows"),
     "I3-40min": ("64px-f4-pc-fixnorm", PRESET_LDM,
                  "I3 continued for 30 more minutes (40 in all; its work folder started as a copy of I3's)"),
+    # The same model trained on, 30 minutes at a time, each from a copy of the one before: do
+    # tens of thousands of steps bring the glands that 2000 to 8000 do not?
+    **{f"I3-{total}min": ("64px-f4-pc-fixnorm", PRESET_LDM,
+                          f"I3-{total - 30}min continued for 30 more minutes ({total} in all; its work folder "
+                          f"started as a copy of I3-{total - 30}min's)") for total in (70, 100)},
     "Q-64f4-wide-fixnorm": ("64px-f4-pc-fixnorm", UNET_WIDE + V_MINSNR + BF16,
                             "I3 with K's 14.5M UNet (96,192,192, two blocks per level): capacity at the fine "
                             "levels, given 25 minutes (run with --minutes 25)"),
@@ -280,6 +289,53 @@ def reconstruction_row(work: Path, key: str | None, n: int = 64, seed: int = 0) 
             "final_loss": "-", "latents_per_s": "-", "grid": f"pretrain_trials/{name}.png"}
 
 
+def gaussian_latents(latents, n: int, seed: int, max_latents: int = 8192) -> torch.Tensor:
+    """``n`` draws from the Gaussian with the mean and full covariance (all C*h*w values at once) of
+    the normalised pool latents the LDM trains on (up to ``max_latents`` of them, seeded), with their
+    8 dihedral copies: the best a model of second-order statistics alone can do. A Gaussian has
+    colour and texture (the power spectrum) but no shapes: a score that rates the LDMs no better
+    than it does not see shapes."""
+    from histodiffusion.data.augment import dihedral
+
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(len(latents))
+    if len(rows) > max_latents:
+        rows = rows[torch.randperm(len(rows), generator=g)[:max_latents]].sort().values
+    z = latents.sample(rows, g)
+    flat = torch.cat([dihedral(z, k) for k in range(8)]).flatten(1).double()
+    cov = torch.cov(flat.T)
+    chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(len(cov), dtype=cov.dtype))
+    draws = flat.mean(0) + torch.randn(n, len(cov), generator=g, dtype=cov.dtype) @ chol.T
+    return draws.float().view(n, *latents.shape)
+
+
+@torch.no_grad()
+def gaussian_tiles(run: Path, n: int, seed: int):
+    """:func:`gaussian_latents` of a run directory's pool latents, decoded by its autoencoder:
+    (tiles (n, H, W, 3) uint8, the latents' LatentSet)."""
+    from histodiffusion.data.latents import LatentSet
+    from histodiffusion.models.autoencoder import decode_latents, tensor_to_tiles
+    from histodiffusion.stages.autoencoder import load_vae
+
+    latents = LatentSet(run / "latents" / "pool")
+    vae = load_vae(run / "autoencoder")
+    return tensor_to_tiles(decode_latents(vae, gaussian_latents(latents, n, seed))), latents
+
+
+def gaussian_row(work: Path, key: str, n: int = 64, seed: int = 0) -> dict:
+    """The Gaussian baseline of :func:`gaussian_latents` for one autoencoder, decoded, as a table row."""
+    tiles, latents = gaussian_tiles(work / f"ae-{key}", n, seed)
+    name = f"gauss-{key}"
+    (work / name).mkdir(parents=True, exist_ok=True)
+    np.save(work / name / "samples.npy", tiles)
+    save_image(grid(tiles, ncol=8), OUT / f"{name}.png", scale=2)
+    what = (f"no LDM: {n} latents drawn from a Gaussian with the mean and {np.prod(latents.shape)}x"
+            f"{np.prod(latents.shape)} covariance of the {len(latents)} pool latents and their dihedral copies, "
+            f"decoded by the {key} autoencoder (second-order statistics only: colour and texture, no shapes)")
+    return {"trial": name, "what": what, "autoencoder": key, "steps": "-", "wall_minutes": "-",
+            "final_loss": "-", "latents_per_s": "-", "grid": f"pretrain_trials/{name}.png"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "pcam-fewlabel.yaml")
@@ -293,6 +349,9 @@ def main() -> None:
     ap.add_argument("--reconstructions", action="append", default=[], choices=sorted(AUTOENCODERS),
                     help="an autoencoder (already trained under --work) whose reconstructions join the table, "
                     "with the same real tiles as a floor row")
+    ap.add_argument("--gaussian", action="append", default=[], choices=sorted(AUTOENCODERS),
+                    help="an autoencoder (already trained under --work) whose pool latents' Gaussian fit joins the "
+                    "table: the score of a model that knows only their mean and covariance")
     args = ap.parse_args()
     names = [] if args.score_only else [n for n in TRIALS if not args.only or n in args.only.split(",")]
     results_file = OUT / "trials.json"
@@ -313,6 +372,8 @@ def main() -> None:
         previous["trials"]["real-pool"] = reconstruction_row(args.work, None)
     for key in args.reconstructions:
         previous["trials"][f"rec-{key}"] = reconstruction_row(args.work, key)
+    for key in args.gaussian:
+        previous["trials"][f"gauss-{key}"] = gaussian_row(args.work, key)
     score(args.work, previous["trials"])
     write_json(results_file, previous)
     command = "python bench/pretrain_trials.py " + " ".join(sys.argv[1:])

@@ -309,3 +309,100 @@ def test_denoise_levels_probe(smoke_run: RunDir, tmp_path: Path) -> None:
     assert levels["1"]["psnr_vs_reconstruction_db"] > 30
     assert levels["1000"]["psnr_vs_reconstruction_db"] < levels["1"]["psnr_vs_reconstruction_db"] - 10
     assert (out / "smoke.png").is_file() and "| smoke |" in (out / "README.md").read_text()
+
+
+def test_gaussian_baseline_matches_the_latent_statistics(smoke_run: RunDir) -> None:
+    """bench/pretrain_trials.py's Gaussian baseline: its draws have the mean, the per-value variance
+    and the neighbour correlation of the dihedrally augmented pool latents, repeat for a seed, and
+    decode to tiles."""
+    import sys
+
+    from histodiffusion.data.augment import dihedral
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "bench"))
+    try:
+        from pretrain_trials import gaussian_latents, gaussian_tiles
+    finally:
+        sys.path.remove(str(repo / "bench"))
+    tiles, latents = gaussian_tiles(smoke_run.root, 4, seed=0)
+    assert tiles.shape == (4, 32, 32, 3) and tiles.dtype == np.uint8 and tiles.std() > 0
+
+    # The posterior draw gaussian_latents fits to (its generator's first use).
+    z = latents.sample(torch.arange(len(latents)), torch.Generator().manual_seed(1))
+    data = torch.cat([dihedral(z, k) for k in range(8)]).double()
+    draws = gaussian_latents(latents, 20000, seed=1).double()
+    assert draws.shape == (20000, *latents.shape)
+    assert torch.equal(gaussian_latents(latents, 5, seed=3), gaussian_latents(latents, 5, seed=3))
+    assert gaussian_latents(latents, 5, seed=3, max_latents=16).shape == (5, *latents.shape)  # a subset fits
+
+    def neighbour_corr(x: torch.Tensor) -> float:
+        a, b = x[..., :, :-1] - x.mean(0)[..., :, :-1], x[..., :, 1:] - x.mean(0)[..., :, 1:]
+        return float((a * b).mean() / (a.std() * b.std()))
+
+    assert torch.allclose(draws.mean(0), data.mean(0), atol=0.05 * float(data.std()))
+    assert torch.allclose(draws.var(0), data.var(0), rtol=0.1, atol=1e-3 * float(data.var()))
+    assert neighbour_corr(draws) == pytest.approx(neighbour_corr(data), abs=0.03)
+    assert neighbour_corr(draws) == pytest.approx(neighbour_corr(data), abs=0.03)
+
+    # Latents with strong spatial correlation (smoothed noise): the draws keep it, where a Gaussian
+    # of independent values would give none.
+    class Smooth:
+        shape = (2, 8, 8)
+        fields = torch.nn.functional.avg_pool2d(torch.randn(600, 2, 12, 12, generator=torch.Generator().manual_seed(4)),
+                                                5, stride=1) + 0.5
+
+        def __len__(self) -> int:
+            return len(self.fields)
+
+        def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            return self.fields[idx]
+
+    smooth = torch.cat([dihedral(Smooth.fields, k) for k in range(8)]).double()
+    draws = gaussian_latents(Smooth(), 20000, seed=2).double()
+    assert neighbour_corr(smooth) > 0.6
+    assert neighbour_corr(draws) == pytest.approx(neighbour_corr(smooth), abs=0.03)
+    assert torch.allclose(draws.mean(0), smooth.mean(0), atol=0.02)
+
+
+def test_two_sample_test(smoke_run: RunDir, tmp_path: Path) -> None:
+    """bench/two_sample_test.py: a classifier tells real tiles from colour-inverted ones almost always;
+    the script runs every kind of set on the smoke run and writes its table."""
+    import subprocess
+    import sys
+
+    from histodiffusion.config import ImageClassifierCfg
+    from histodiffusion.data.cache import TileCache
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "bench"))
+    try:
+        from two_sample_test import auc, real_rows, separability
+    finally:
+        sys.path.remove(str(repo / "bench"))
+    # The reference and control rows are disjoint and each spread over the whole pool (whose rows
+    # come grouped by source): halves of one sorted draw would sit at its two ends.
+    cache, reference, other = real_rows(smoke_run.root, len(TileCache(smoke_run.root / "data" / "cache" / "pool")) // 4, 0)
+    assert len(reference) == len(other) and not set(reference) & set(other)
+    assert abs(reference.mean() - other.mean()) < 0.2 * len(cache)
+    assert auc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
+
+    tiles = TileCache(smoke_run.root / "data" / "cache" / "pool").take(np.arange(96))
+    cfg = ImageClassifierCfg(backbone="resnet10t", steps=30, batch_size=32, lr=1e-3, warmup_steps=3, eval_every=10,
+                             color_jitter=0.0)
+    told = separability(tiles[:48], 255 - tiles[48:], cfg, seed=0, progress=False)
+    assert told["n_test"] == 24 and told["test_accuracy"] >= 0.9 and told["test_auc"] >= 0.9
+
+    out = tmp_path / "two"
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "two_sample_test.py"), "--run", f"ldm={smoke_run.root}",
+                           "--gaussian", f"gauss={smoke_run.root}", "--control", str(smoke_run.root), "--out", str(out),
+                           "--n", "16", "--steps", "2", "--backbone", "resnet10t"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "two_sample.json").read_text())
+    assert set(results) == {"ldm", "gauss", f"control-reconstructed-{smoke_run.root.name}",
+                            f"control-raw-{smoke_run.root.name}"}
+    for r in results.values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["n_test"] == 8  # a quarter of each side
+    assert "| ldm | LDM samples |" in (out / "README.md").read_text() and (out / "gauss.png").is_file()

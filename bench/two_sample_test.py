@@ -1,0 +1,187 @@
+"""Classifier two-sample test: how easily a CNN tells a model's samples from real pool tiles.
+
+KID and FD of 64 samples in the trials' SimCLR feature space hardly see shapes: a Gaussian fitted
+to the pool latents, which has their colour and texture but no shapes, scores as well as the LDMs
+(``bench/results/pretrain_trials/trials.md``). This test is a stricter judge. For each set, a
+ResNet-18 is trained from scratch to tell N tiles of the set from N reference tiles: real pool tiles
+reconstructed by the same autoencoder, so the autoencoder's blur gives nothing away and only
+what the LDM adds is measured. Both sides are split 50/25/25 into train, valid (the best step is
+chosen on it) and test; the table reports test accuracy (50 % = indistinguishable, 100 % =
+always told apart), its binomial standard error and the ROC AUC.
+
+Sets (each option repeatable):
+  --run NAME=RUN_DIR       N samples of the run's pre-trained LDM (the run's sampling settings)
+  --gaussian NAME=RUN_DIR  N draws of the Gaussian fitted to the run's pool latents, decoded
+  --control RUN_DIR        two sets on the run's autoencoder: N other reconstructed real tiles
+                           (the test's false alarm, expected near 50 %) and N raw real tiles
+                           (what the autoencoder itself gives away)
+
+    python bench/two_sample_test.py --run I3=/work/runs/trials/I3-64f4-v-bf16-pc-fixnorm \\
+        --gaussian gauss=/work/runs/trials/ae-64px-f4-pc-fixnorm \\
+        --control /work/runs/trials/ae-64px-f4-pc-fixnorm --out bench/results/pretrain_trials/two_sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from latent_diagnostics import named_runs  # bench/ is on sys.path when run as a script
+from pretrain_trials import gaussian_tiles
+
+from histodiffusion.cli import guarded
+from histodiffusion.config import ImageClassifierCfg, load_config
+from histodiffusion.data.cache import TileCache
+from histodiffusion.errors import UserError
+from histodiffusion.io import write_json, write_text
+from histodiffusion.models.autoencoder import reconstruct_tiles
+from histodiffusion.models.image_classifier import predict_logits, train_image_classifier
+from histodiffusion.rundir import RunDir
+from histodiffusion.stages.autoencoder import load_vae
+from histodiffusion.viz import grid, save_image
+
+
+def splits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded 50/25/25 split of ``range(n)`` into train, valid and test indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    a, b = n // 2, n // 2 + n // 4
+    return order[:a], order[a:b], order[b:]
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for ``labels`` (1 = positive), ties counted half (Mann-Whitney)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def separability(reference: np.ndarray, other: np.ndarray, cfg: ImageClassifierCfg, seed: int,
+                 progress: bool = True) -> dict:
+    """Train a classifier to tell ``other`` (label 1) from ``reference`` (label 0), both (N, H, W, 3)
+    uint8 of equal N; score it on their held-out quarters."""
+    if len(reference) != len(other) or len(reference) < 8:
+        raise UserError(f"two-sample test needs two sets of equal size >= 8, got {len(reference)} and {len(other)}")
+    parts = [splits(len(reference), seed), splits(len(other), seed + 1)]
+
+    def take(i: int) -> tuple[np.ndarray, np.ndarray]:
+        tiles = np.concatenate([reference[parts[0][i]], other[parts[1][i]]])
+        return tiles, np.repeat([0, 1], [len(parts[0][i]), len(parts[1][i])])
+
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = take(0), take(1), take(2)
+    trained = train_image_classifier(cfg, train_x, train_y, valid_x, valid_y, 2, seed, description="two-sample",
+                                     progress=progress)
+    logits = predict_logits(trained.model, test_x, precision=cfg.precision)
+    accuracy = float(np.mean(logits.argmax(1) == test_y))
+    return {"test_accuracy": round(accuracy, 4),
+            "test_accuracy_se": round(float(np.sqrt(accuracy * (1 - accuracy) / len(test_y))), 4),
+            "test_auc": round(auc(logits[:, 1] - logits[:, 0], test_y), 4), "best_step": trained.best_step,
+            "n_train": int(len(train_y)), "n_valid": int(len(valid_y)), "n_test": int(len(test_y))}
+
+
+def real_rows(run: Path, n: int, seed: int) -> tuple[TileCache, np.ndarray, np.ndarray]:
+    """The run's pool cache and two disjoint sets of n seeded rows: the reference set's and the
+    controls'. Both are random draws from the whole pool (its rows come grouped by source, so
+    halves of a sorted draw would differ in source), each sorted for reading."""
+    cache = TileCache(run / "data" / "cache" / "pool")
+    if len(cache) < 2 * n:
+        raise UserError(f"{run}: the pool has {len(cache)} tiles, fewer than 2 x --n = {2 * n}; lower --n")
+    rows = np.random.default_rng(seed).choice(len(cache), size=2 * n, replace=False)
+    return cache, np.sort(rows[:n]), np.sort(rows[n:])
+
+
+def reference_set(run: Path, n: int, seed: int) -> np.ndarray:
+    """N real pool tiles reconstructed by the run's autoencoder."""
+    cache, rows, _ = real_rows(run, n, seed)
+    return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(rows))
+
+
+def ldm_set(run: Path, n: int) -> np.ndarray:
+    """N samples of the run's pre-trained LDM (seeds 0..n-1, as ``histodiffusion sample`` draws them;
+    the PNGs stay in the run's ``samples/two-sample``, so a rerun reuses them)."""
+    from PIL import Image
+
+    from histodiffusion.stages.sample import sample_tiles
+
+    cfg = load_config(run / "config.yaml")
+    out = sample_tiles(cfg, RunDir(run), n, "pretrain", run / "samples" / "two-sample")
+    return np.stack([np.asarray(Image.open(out / f"{k:06d}.png").convert("RGB")) for k in range(n)])
+
+
+def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path, Callable[[], np.ndarray]]]:
+    """(name, kind, run, make) per requested set; ``make()`` returns its N tiles."""
+    sets = []
+    for name, run in named_runs(ap, args.run):
+        sets.append((name, "LDM samples", run, lambda run=run: ldm_set(run, args.n)))
+    for name, run in named_runs(ap, args.gaussian):
+        sets.append((name, "Gaussian fit to the pool latents", run,
+                     lambda run=run: gaussian_tiles(run, args.n, args.seed)[0]))
+    for run in args.control:
+        def other(run=run):
+            cache, _, rows = real_rows(run, args.n, args.seed)
+            return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(rows))
+
+        def raw(run=run):
+            cache, _, rows = real_rows(run, args.n, args.seed)
+            return cache.take(rows)
+
+        sets.append((f"control-reconstructed-{run.name}", "other real tiles, reconstructed (false alarm)", run, other))
+        sets.append((f"control-raw-{run.name}", "other real tiles, not reconstructed", run, raw))
+    if not sets:
+        ap.error("name at least one set: --run, --gaussian or --control")
+    return sets
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = ["# Classifier two-sample test", "",
+             "A ResNet-18 trained from scratch tells each set's tiles from real pool tiles reconstructed by the "
+             "same autoencoder. Test accuracy on the held-out quarter of both: 50 % = indistinguishable, "
+             "100 % = always told apart. Lower is better for a generative model.", "",
+             f"Command: `{command}`", f"Machine: {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "",
+             "| set | what | run | test accuracy | ± (se) | AUC | best step | train / valid / test |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['kind']} | `{r['run']}` | {100 * r['test_accuracy']:.1f} % | "
+                     f"{100 * r['test_accuracy_se']:.1f} | {r['test_auc']:.3f} | {r['best_step']} | "
+                     f"{r['n_train']} / {r['n_valid']} / {r['n_test']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR")
+    ap.add_argument("--gaussian", action="append", default=[], metavar="NAME=RUN_DIR")
+    ap.add_argument("--control", action="append", default=[], type=Path, metavar="RUN_DIR")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=768, help="tiles per side and set")
+    ap.add_argument("--steps", type=int, default=300, help="classifier training steps")
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.n < 8 or args.steps < 1:
+        ap.error("--n must be at least 8 and --steps at least 1")
+    cfg = ImageClassifierCfg(backbone=args.backbone, steps=args.steps, batch_size=64, lr=1e-3, warmup_steps=30,
+                             eval_every=max(1, args.steps // 6), eval_max=args.n, color_jitter=0.0,
+                             precision="bf16")
+    references: dict[Path, np.ndarray] = {}
+    results = {}
+    for name, kind, run, make in collect_sets(args, ap):
+        key = (run / "autoencoder").resolve()
+        if key not in references:
+            references[key] = reference_set(run, args.n, args.seed)
+        tiles = make()
+        save_image(grid(tiles[:64], ncol=8), args.out / f"{name}.png", scale=2)
+        results[name] = {"kind": kind, "run": str(run), "autoencoder": str(key),
+                         **separability(references[key], tiles, cfg, args.seed)}
+        print(name, results[name], flush=True)
+        write_json(args.out / "two_sample.json", results)
+    write_text(args.out / "README.md", markdown(results, "python bench/two_sample_test.py " + " ".join(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    guarded(main)
