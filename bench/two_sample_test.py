@@ -24,6 +24,7 @@ Sets (each option repeatable):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import platform
 import sys
 from collections.abc import Callable
@@ -100,15 +101,25 @@ def reference_set(run: Path, n: int, seed: int) -> np.ndarray:
     return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(rows))
 
 
+def weights_tag(folder: Path) -> str:
+    """A short hash of a model folder's safetensors weights: names the samples drawn from them."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def ldm_set(run: Path, n: int) -> np.ndarray:
-    """N samples of the run's pre-trained LDM (seeds 0..n-1, as ``histodiffusion sample`` draws them;
-    the PNGs stay in the run's ``samples/two-sample``, so a rerun reuses them)."""
+    """N samples of the run's pre-trained LDM (seeds 0..n-1, as ``histodiffusion sample`` draws them).
+    The PNGs stay in the run's ``samples/two-sample-<weights hash>``: a rerun on the same weights
+    reuses them, one after more training draws anew."""
     from PIL import Image
 
     from histodiffusion.stages.sample import sample_tiles
 
     cfg = load_config(run / "config.yaml")
-    out = sample_tiles(cfg, RunDir(run), n, "pretrain", run / "samples" / "two-sample")
+    tag = weights_tag(run / "pretrain" / "unet")
+    out = sample_tiles(cfg, RunDir(run), n, "pretrain", run / "samples" / f"two-sample-{tag}")
     return np.stack([np.asarray(Image.open(out / f"{k:06d}.png").convert("RGB")) for k in range(n)])
 
 
@@ -136,10 +147,10 @@ def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path
     return sets
 
 
-def markdown(results: dict, command: str) -> str:
+def markdown(results: dict, cfg: ImageClassifierCfg, command: str) -> str:
     lines = ["# Classifier two-sample test", "",
-             "A ResNet-18 trained from scratch tells each set's tiles from real pool tiles reconstructed by the "
-             "same autoencoder. Test accuracy on the held-out quarter of both: 50 % = indistinguishable, "
+             f"A {cfg.backbone} trained from scratch ({cfg.steps} steps of {cfg.batch_size}, {cfg.precision}) tells "
+             "each set's tiles from real pool tiles reconstructed by the same autoencoder. Test accuracy on the held-out quarter of both: 50 % = indistinguishable, "
              "100 % = always told apart. Lower is better for a generative model.", "",
              f"Command: `{command}`", f"Machine: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "",
@@ -180,7 +191,7 @@ def main() -> None:
                          **separability(references[key], tiles, cfg, args.seed)}
         print(name, results[name], flush=True)
         write_json(args.out / "two_sample.json", results)
-    write_text(args.out / "README.md", markdown(results, "python bench/two_sample_test.py " + " ".join(sys.argv[1:])))
+    write_text(args.out / "README.md", markdown(results, cfg, "python bench/two_sample_test.py " + " ".join(sys.argv[1:])))
 
 
 if __name__ == "__main__":
