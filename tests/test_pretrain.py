@@ -343,7 +343,6 @@ def test_gaussian_baseline_matches_the_latent_statistics(smoke_run: RunDir) -> N
     assert torch.allclose(draws.mean(0), data.mean(0), atol=0.05 * float(data.std()))
     assert torch.allclose(draws.var(0), data.var(0), rtol=0.1, atol=1e-3 * float(data.var()))
     assert neighbour_corr(draws) == pytest.approx(neighbour_corr(data), abs=0.03)
-    assert neighbour_corr(draws) == pytest.approx(neighbour_corr(data), abs=0.03)
 
     # Latents with strong spatial correlation (smoothed noise): the draws keep it, where a Gaussian
     # of independent values would give none.
