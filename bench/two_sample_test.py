@@ -24,7 +24,6 @@ Sets (each option repeatable):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import sys
 from collections.abc import Callable
@@ -38,12 +37,15 @@ from pretrain_trials import gaussian_tiles
 from histodiffusion.cli import guarded
 from histodiffusion.config import ImageClassifierCfg, load_config
 from histodiffusion.data.cache import TileCache
+from histodiffusion.data.images import read_rgb
 from histodiffusion.errors import UserError
 from histodiffusion.io import write_json, write_text
+from histodiffusion.metrics.classification import binary_auroc
 from histodiffusion.models.autoencoder import reconstruct_tiles
 from histodiffusion.models.image_classifier import predict_logits, train_image_classifier
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages.autoencoder import load_vae
+from histodiffusion.stages.synthesize import file_hash
 from histodiffusion.viz import grid, save_image
 
 
@@ -52,13 +54,6 @@ def splits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     a, b = n // 2, n // 2 + n // 4
     return order[:a], order[a:b], order[b:]
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC of ``scores`` for ``labels`` (1 = positive), ties counted half (Mann-Whitney)."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
 
 
 def separability(reference: np.ndarray, other: np.ndarray, cfg: ImageClassifierCfg, seed: int,
@@ -80,7 +75,7 @@ def separability(reference: np.ndarray, other: np.ndarray, cfg: ImageClassifierC
     accuracy = float(np.mean(logits.argmax(1) == test_y))
     return {"test_accuracy": round(accuracy, 4),
             "test_accuracy_se": round(float(np.sqrt(accuracy * (1 - accuracy) / len(test_y))), 4),
-            "test_auc": round(auc(logits[:, 1] - logits[:, 0], test_y), 4), "best_step": trained.best_step,
+            "test_auc": round(binary_auroc(logits[:, 1] - logits[:, 0], test_y == 1), 4), "best_step": trained.best_step,
             "n_train": int(len(train_y)), "n_valid": int(len(valid_y)), "n_test": int(len(test_y))}
 
 
@@ -101,26 +96,16 @@ def reference_set(run: Path, n: int, seed: int) -> np.ndarray:
     return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(rows))
 
 
-def weights_tag(folder: Path) -> str:
-    """A short hash of a model folder's safetensors weights: names the samples drawn from them."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def ldm_set(run: Path, n: int) -> np.ndarray:
     """N samples of the run's pre-trained LDM (seeds 0..n-1, as ``histodiffusion sample`` draws them).
     The PNGs stay in the run's ``samples/two-sample-<weights hash>``: a rerun on the same weights
     reuses them, one after more training draws anew."""
-    from PIL import Image
-
     from histodiffusion.stages.sample import sample_tiles
 
     cfg = load_config(run / "config.yaml")
-    tag = weights_tag(run / "pretrain" / "unet")
+    tag = file_hash(run / "pretrain" / "unet")
     out = sample_tiles(cfg, RunDir(run), n, "pretrain", run / "samples" / f"two-sample-{tag}")
-    return np.stack([np.asarray(Image.open(out / f"{k:06d}.png").convert("RGB")) for k in range(n)])
+    return np.stack([read_rgb(out / f"{k:06d}.png") for k in range(n)])
 
 
 def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path, Callable[[], np.ndarray]]]:

@@ -376,7 +376,7 @@ def test_two_sample_test(smoke_run: RunDir, tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo / "bench"))
     try:
-        from two_sample_test import auc, real_rows, separability
+        from two_sample_test import real_rows, separability
     finally:
         sys.path.remove(str(repo / "bench"))
     # The reference and control rows are disjoint and each spread over the whole pool (whose rows
@@ -384,8 +384,6 @@ def test_two_sample_test(smoke_run: RunDir, tmp_path: Path) -> None:
     cache, reference, other = real_rows(smoke_run.root, len(TileCache(smoke_run.root / "data" / "cache" / "pool")) // 4, 0)
     assert len(reference) == len(other) and not set(reference) & set(other)
     assert abs(reference.mean() - other.mean()) < 0.2 * len(cache)
-    assert auc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
-    assert auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
 
     tiles = TileCache(smoke_run.root / "data" / "cache" / "pool").take(np.arange(96))
     cfg = ImageClassifierCfg(backbone="resnet10t", steps=30, batch_size=32, lr=1e-3, warmup_steps=3, eval_every=10,
