@@ -10,7 +10,11 @@ chosen on it) and test; the table reports test accuracy (50 % = indistinguishabl
 always told apart), its binomial standard error and the ROC AUC.
 
 Sets (each option repeatable):
-  --run NAME=RUN_DIR       N samples of the run's pre-trained LDM (the run's sampling settings)
+  --run NAME=RUN_DIR       N samples of the run's pre-trained LDM (the run's sampling settings, or
+                           those given by --set NAME:sampling.KEY=VALUE, e.g. sampling.sampler=ddpm)
+  --samples NAME=FILE.npy  the first N tiles of an (n, H, W, 3) uint8 array, e.g. the samples that
+                           bench/gpu_check.py measure brings back from a GPU; --samples-run RUN_DIR
+                           names the run whose autoencoder decoded them (the reference side)
   --gaussian NAME=RUN_DIR  N draws of the Gaussian fitted to the run's pool latents, decoded
   --control RUN_DIR        two sets on the run's autoencoder: N other reconstructed real tiles
                            (the test's false alarm, expected near 50 %) and N raw real tiles
@@ -96,23 +100,56 @@ def reference_set(run: Path, n: int, seed: int) -> np.ndarray:
     return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(rows))
 
 
-def ldm_set(run: Path, n: int) -> np.ndarray:
-    """N samples of the run's pre-trained LDM (seeds 0..n-1, as ``histodiffusion sample`` draws them).
-    The PNGs stay in the run's ``samples/two-sample-<weights hash>``: a rerun on the same weights
-    reuses them, one after more training draws anew."""
+def ldm_set(run: Path, n: int, overrides: list[str] = ()) -> np.ndarray:
+    """N samples of the run's pre-trained LDM (seeds 0..n-1, as ``histodiffusion sample`` draws them),
+    with the run's sampling settings after ``overrides`` (``sampling.KEY=VALUE``). The PNGs stay in
+    the run's ``samples/two-sample-<weights hash>-<sampler><steps>-eta<eta>-<precision>``: a rerun
+    with the same weights and sampler reuses them; more training or another sampler draws anew."""
     from histodiffusion.stages.sample import sample_tiles
 
-    cfg = load_config(run / "config.yaml")
-    tag = file_hash(run / "pretrain" / "unet")
+    cfg = load_config(run / "config.yaml", overrides)
+    s = cfg.sampling
+    tag = f"{file_hash(run / 'pretrain' / 'unet')}-{s.sampler}{s.num_steps}-eta{s.eta:g}-{s.precision}"
     out = sample_tiles(cfg, RunDir(run), n, "pretrain", run / "samples" / f"two-sample-{tag}")
     return np.stack([read_rgb(out / f"{k:06d}.png") for k in range(n)])
+
+
+def npy_tiles(path: Path, n: int) -> np.ndarray:
+    """The first ``n`` tiles of a saved (count, H, W, 3) uint8 array."""
+    if not path.is_file():
+        raise UserError(f"--samples {path}: no such file")
+    tiles = np.load(path, mmap_mode="r")
+    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
+        raise UserError(f"--samples {path}: expected (count, H, W, 3) uint8 tiles, got {tiles.shape} {tiles.dtype}")
+    if len(tiles) < n:
+        raise UserError(f"--samples {path}: {len(tiles)} tiles, fewer than --n {n}; lower --n or bring more")
+    return np.ascontiguousarray(tiles[:n])
+
+
+def set_overrides(ap: argparse.ArgumentParser, items: list[str], names: list[str]) -> dict[str, list[str]]:
+    """``--set NAME:sampling.KEY=VALUE`` options grouped by the --run set they change."""
+    overrides: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, assignment = item.partition(":")
+        if not sep or name not in names or not assignment.startswith("sampling.") or "=" not in assignment:
+            ap.error(f"--set {item!r}: expected NAME:sampling.KEY=VALUE with NAME one of the --run names "
+                     f"({', '.join(names) or 'none given'})")
+        overrides.setdefault(name, []).append(assignment)
+    return overrides
 
 
 def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path, Callable[[], np.ndarray]]]:
     """(name, kind, run, make) per requested set; ``make()`` returns its N tiles."""
     sets = []
+    overrides = set_overrides(ap, args.set, [name for name, _ in named_runs(ap, args.run)])
     for name, run in named_runs(ap, args.run):
-        sets.append((name, "LDM samples", run, lambda run=run: ldm_set(run, args.n)))
+        kind = "LDM samples" + (f" ({', '.join(overrides[name])})" if overrides.get(name) else "")
+        sets.append((name, kind, run, lambda run=run, o=overrides.get(name, []): ldm_set(run, args.n, o)))
+    if args.samples and args.samples_run is None:
+        ap.error("--samples needs --samples-run RUN_DIR: the run whose autoencoder decoded them")
+    for name, path in named_runs(ap, args.samples):
+        sets.append((name, f"samples from {path.name}", args.samples_run,
+                     lambda path=path: npy_tiles(path, args.n)))
     for name, run in named_runs(ap, args.gaussian):
         sets.append((name, "Gaussian fit to the pool latents", run,
                      lambda run=run: gaussian_tiles(run, args.n, args.seed)[0]))
@@ -153,6 +190,11 @@ def main() -> None:
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR")
     ap.add_argument("--gaussian", action="append", default=[], metavar="NAME=RUN_DIR")
     ap.add_argument("--control", action="append", default=[], type=Path, metavar="RUN_DIR")
+    ap.add_argument("--samples", action="append", default=[], metavar="NAME=FILE.npy")
+    ap.add_argument("--samples-run", type=Path, metavar="RUN_DIR",
+                    help="the run whose autoencoder decoded the --samples tiles")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME:sampling.KEY=VALUE",
+                    help="sampler setting for one --run set, e.g. I3-ddpm:sampling.sampler=ddpm")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, default=768, help="tiles per side and set")
     ap.add_argument("--steps", type=int, default=300, help="classifier training steps")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from histodiffusion.data.images import read_rgb
 from histodiffusion.data.latents import LatentSet
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
@@ -392,14 +393,33 @@ def test_two_sample_test(smoke_run: RunDir, tmp_path: Path) -> None:
     assert told["n_test"] == 24 and told["test_accuracy"] >= 0.9 and told["test_auc"] >= 0.9
 
     out = tmp_path / "two"
-    proc = subprocess.run([sys.executable, str(repo / "bench" / "two_sample_test.py"), "--run", f"ldm={smoke_run.root}",
-                           "--gaussian", f"gauss={smoke_run.root}", "--control", str(smoke_run.root), "--out", str(out),
+    script = [sys.executable, str(repo / "bench" / "two_sample_test.py"), "--out", str(out)]
+    saved = tmp_path / "saved.npy"
+    np.save(saved, TileCache(smoke_run.root / "data" / "cache" / "pool").take(np.arange(16)))
+    proc = subprocess.run([*script, "--run", f"ldm={smoke_run.root}", "--run", f"ddpm={smoke_run.root}",
+                           "--samples", f"npy={saved}", "--samples-run", str(smoke_run.root),
+                           "--set", "ddpm:sampling.sampler=ddpm", "--set", "ddpm:sampling.num_steps=4",
+                           "--gaussian", f"gauss={smoke_run.root}", "--control", str(smoke_run.root),
                            "--n", "16", "--steps", "2", "--backbone", "resnet10t"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "two_sample.json").read_text())
-    assert set(results) == {"ldm", "gauss", f"control-reconstructed-{smoke_run.root.name}",
+    assert set(results) == {"ldm", "ddpm", "npy", "gauss", f"control-reconstructed-{smoke_run.root.name}",
                             f"control-raw-{smoke_run.root.name}"}
     for r in results.values():
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["n_test"] == 8  # a quarter of each side
-    assert "| ldm | LDM samples |" in (out / "README.md").read_text() and (out / "gauss.png").is_file()
+    table = (out / "README.md").read_text()
+    assert "| ldm | LDM samples |" in table and "| ddpm | LDM samples (sampling.sampler=ddpm, sampling.num_steps=4) |" in table
+    assert (out / "gauss.png").is_file() and "| npy | samples from saved.npy |" in table
+    # Each sampler draws into its own cache folder (never reusing the other's tiles), and they differ.
+    folders = sorted((smoke_run.root / "samples").glob("two-sample-*"))
+    assert [f.name.split("-", 3)[3] for f in folders] == ["ddim4-eta0-fp32", "ddpm4-eta0-fp32"]
+    ddim, ddpm = (read_rgb(f / "000000.png").astype(int) for f in folders)
+    assert np.abs(ddim - ddpm).mean() > 1.0
+
+    bad = subprocess.run([*script, "--run", f"ldm={smoke_run.root}", "--set", "other:sampling.eta=1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--set 'other:sampling.eta=1'" in bad.stderr and "ldm" in bad.stderr
+    few = subprocess.run([*script, "--samples", f"npy={saved}", "--samples-run", str(smoke_run.root), "--n", "32"],
+                         capture_output=True, text=True, timeout=300)
+    assert few.returncode != 0 and "saved.npy: 16 tiles, fewer than --n 32" in few.stderr
