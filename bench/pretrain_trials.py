@@ -28,12 +28,14 @@ import torch
 from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
 from histodiffusion.data.cache import TileCache
+from histodiffusion.data.images import read_rgb
 from histodiffusion.errors import StagePaused, UserError
 from histodiffusion.io import read_jsonl, write_json, write_text
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
 from histodiffusion.stages.report import pool_grid
 from histodiffusion.stages.sample import sample_tiles
+from histodiffusion.stages.synthesize import file_hash
 from histodiffusion.viz import grid, save_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +124,9 @@ TRIALS = {
     "Q-64f4-wide-fixnorm": ("64px-f4-pc-fixnorm", UNET_WIDE + V_MINSNR + BF16,
                             "I3 with K's 14.5M UNet (96,192,192, two blocks per level): capacity at the fine "
                             "levels, given 25 minutes (run with --minutes 25)"),
+    # Capacity against steps at equal CPU time: Q trained on to 85 minutes, beside I3-70min/-100min.
+    "Q-85min": ("64px-f4-pc-fixnorm", UNET_WIDE + V_MINSNR + BF16,
+                "Q continued for 60 more minutes (85 in all; its work folder started as a copy of Q's)"),
 }
 
 
@@ -142,6 +147,18 @@ def ensure_autoencoder(config: Path, work: Path, key: str, ae_steps: int) -> tup
     return rd, metrics
 
 
+def trial_samples(cfg, rd: RunDir, name: str) -> np.ndarray:
+    """The trial's 64 samples (seeds 0-63) into ``samples.npy`` and its grid. They are drawn into
+    ``samples/trial-<hash of the UNet weights>``: a work folder copied from an earlier trial to train
+    on never reuses that trial's tiles."""
+    folder = rd.root / "samples" / f"trial-{file_hash(rd.root / 'pretrain' / 'unet')}"
+    samples = sample_tiles(cfg, rd, 64, "pretrain", folder)
+    tiles = np.stack([read_rgb(samples / f"{k:06d}.png") for k in range(64)])
+    np.save(rd.root / "samples.npy", tiles)
+    save_image(grid(tiles, ncol=8), OUT / f"{name}.png", scale=2)
+    return tiles
+
+
 def run_trial(config: Path, work: Path, name: str, minutes: float, ae: RunDir) -> dict:
     """Train one LDM setting for ``minutes`` and sample 64 tiles from its EMA model."""
     key, overrides, what = TRIALS[name]
@@ -159,11 +176,7 @@ def run_trial(config: Path, work: Path, name: str, minutes: float, ae: RunDir) -
         pass
     wall = time.time() - t0
     log = read_jsonl(rd.root / "pretrain" / "metrics.jsonl")
-    samples = sample_tiles(cfg, rd, 64, "pretrain", rd.root / "samples")
-    tiles = np.stack([np.asarray(__import__("PIL.Image").Image.open(samples / f"{k:06d}.png").convert("RGB"))
-                      for k in range(64)])
-    np.save(rd.root / "samples.npy", tiles)
-    save_image(grid(tiles, ncol=8), OUT / f"{name}.png", scale=2)
+    trial_samples(cfg, rd, name)
     steps = log[-1]["step"] if log else 0
     return {"trial": name, "what": what, "autoencoder": key, "steps": steps, "wall_minutes": round(wall / 60, 1),
             "final_loss": round(float(np.mean([r["loss"] for r in log[-5:]])), 4) if log else None,

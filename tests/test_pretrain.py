@@ -423,3 +423,37 @@ def test_two_sample_test(smoke_run: RunDir, tmp_path: Path) -> None:
     few = subprocess.run([*script, "--samples", f"npy={saved}", "--samples-run", str(smoke_run.root), "--n", "32"],
                          capture_output=True, text=True, timeout=300)
     assert few.returncode != 0 and "saved.npy: 16 tiles, fewer than --n 32" in few.stderr
+
+
+def test_trial_samples_are_redrawn_after_more_training(smoke_run: RunDir, smoke_cfg, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/pretrain_trials.py: a trial trained on in a copy of an earlier trial's work folder gets
+    samples of its own weights, never the earlier trial's tiles left in the copy."""
+    import shutil
+    import sys
+
+    from diffusers import UNet2DModel
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "bench"))
+    try:
+        import pretrain_trials
+    finally:
+        sys.path.remove(str(repo / "bench"))
+    monkeypatch.setattr(pretrain_trials, "OUT", tmp_path / "grids")
+    first = RunDir(tmp_path / "first")
+    shutil.copytree(smoke_run.root, first.root)
+    before = pretrain_trials.trial_samples(smoke_cfg, first, "first")
+    assert before.shape == (64, 32, 32, 3) and (tmp_path / "grids" / "first.png").is_file()
+
+    later = RunDir(tmp_path / "later")  # the earlier trial's folder copied, then trained on
+    shutil.copytree(first.root, later.root)
+    unet = UNet2DModel.from_pretrained(later.root / "pretrain" / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(0.5)
+    unet.save_pretrained(later.root / "pretrain" / "unet")
+    after = pretrain_trials.trial_samples(smoke_cfg, later, "later")
+    assert np.abs(after.astype(int) - before.astype(int)).mean() > 1.0
+    assert np.array_equal(np.load(later.root / "samples.npy"), after)
+    assert len(list((later.root / "samples").glob("trial-*"))) == 2  # the copied folder and its own
