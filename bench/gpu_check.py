@@ -6,7 +6,7 @@ Two halves, because the GPU machine and the scoring machine differ:
 launch``): seconds per training step fp32 vs bf16 autocast at batch 64 and 256, unconditional
 sampling tiles/s (DDIM 20 and 50, fp32 and bf16, decode included), and 512 samples of every
 GPU-trained model (seeds 0..511, DDIM-50 fp32: the preset's sampler) as ``.npy`` files, with each
-EMA UNet in fp16 so the files can come back.
+EMA UNet in fp16 where that is under 15 MiB, so the files can come back.
 
 ``score`` (here, on the CPU): the same 512 seeds from the CPU-trained UNet of a protocol run,
 then KID and FD of every model's samples vs 1024 real pool tiles in the SimCLR feature space of
@@ -130,7 +130,11 @@ def measure(args) -> None:
         tiles, seconds = sample_array(cfg, run, device, args.num_samples)
         np.save(out / f"{name}_samples.npy", tiles)
         unet, _ = load_unet(run / "pretrain")
-        save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(out / f"{name}_unet_fp16.safetensors"))
+        if sum(p.numel() for p in unet.parameters()) * 2 < 15 * 2**20:  # what a device call can bring back
+            save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()},
+                      str(out / f"{name}_unet_fp16.safetensors"))
+        else:
+            print(f"{name}: the UNet is over 15 MiB in fp16, too large to bring back; only its samples are kept", flush=True)
         state = read_json(run / "pretrain" / "DONE") if (run / "pretrain" / "DONE").is_file() else None
         records = read_jsonl(run / "pretrain" / "metrics.jsonl")
         result["runs"][name] = {"done": state is not None, "summary": (state or {}).get("summary"),

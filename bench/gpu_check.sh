@@ -13,6 +13,11 @@
 #
 # Runs:  profile  the cpu preset as is (4000 steps of 64, bf16)
 #        batch256 the same with batches of 256 (4x the latents per step; the GPU's cheap direction)
+#        big      only with BIG_MINUTES=N: a larger UNet (BIG_SET, default 128,256,256,512 channels,
+#                 two blocks per level, attention at 8x8 and 4x4: 70.1M parameters, 16x the preset)
+#                 at batch 256 for N minutes. SKIP_PROFILE=1 leaves out profile and batch256, so
+#                 one lease can go to it: SKIP_PROFILE=1 BIG_MINUTES=7 MEASURE_ARGS="--num-samples 768"
+# CONFIG (default configs/pcam-fewlabel.yaml) must be the config .gpu/run was made with.
 # Each run is time-limited (train.time_limit_minutes) so the whole script fits one device lease.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -39,14 +44,27 @@ phase() {  # phase NAME SECONDS COMMAND...: time-boxed, logged, never fatal to t
   echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/phases.txt"
 }
 
-CONFIG=configs/pcam-fewlabel.yaml
+CONFIG=${CONFIG:-configs/pcam-fewlabel.yaml}
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no
         -m histodiffusion pretrain "$CONFIG")
-for run in profile batch256; do rm -rf "/tmp/$run"; cp -r .gpu/run "/tmp/$run"; done
-phase profile "${PROFILE_LIMIT:-230}" "${LAUNCH[@]}" --run-dir /tmp/profile \
-  --set pretrain.train.time_limit_minutes="${PROFILE_MINUTES:-2.8}"
-phase batch256 "${BATCH256_LIMIT:-230}" "${LAUNCH[@]}" --run-dir /tmp/batch256 \
-  --set pretrain.train.batch_size=256 --set pretrain.train.time_limit_minutes="${BATCH256_MINUTES:-2.8}"
-phase measure "${MEASURE_LIMIT:-150}" python3 bench/gpu_check.py measure --runs /tmp/profile /tmp/batch256 \
+RUNS=()
+if [ -z "${SKIP_PROFILE:-}" ]; then
+  for run in profile batch256; do rm -rf "/tmp/$run"; cp -r .gpu/run "/tmp/$run"; RUNS+=("/tmp/$run"); done
+  phase profile "${PROFILE_LIMIT:-230}" "${LAUNCH[@]}" --run-dir /tmp/profile \
+    --set pretrain.train.time_limit_minutes="${PROFILE_MINUTES:-2.8}"
+  phase batch256 "${BATCH256_LIMIT:-230}" "${LAUNCH[@]}" --run-dir /tmp/batch256 \
+    --set pretrain.train.batch_size=256 --set pretrain.train.time_limit_minutes="${BATCH256_MINUTES:-2.8}"
+fi
+if [ "${BIG_MINUTES:-0}" != 0 ]; then
+  rm -rf /tmp/big; cp -r .gpu/run /tmp/big; RUNS+=(/tmp/big)
+  # shellcheck disable=SC2086  # BIG_SET is a list of --set options
+  phase big "${BIG_LIMIT:-600}" "${LAUNCH[@]}" --run-dir /tmp/big --set pretrain.train.batch_size=256 \
+    ${BIG_SET:---set pretrain.unet.channels=[128,256,256,512] --set pretrain.unet.layers_per_block=2 \
+      --set pretrain.unet.attention_resolutions=[8,4] --set pretrain.train.checkpoint_every=2000} \
+    --set pretrain.train.steps=1000000 --set pretrain.sample_every=0 --set pretrain.train.time_limit_minutes="$BIG_MINUTES"
+fi
+[ ${#RUNS[@]} -gt 0 ] || { echo "nothing to run: SKIP_PROFILE is set and BIG_MINUTES is 0"; exit 1; }
+# shellcheck disable=SC2086  # MEASURE_ARGS is a list of options
+phase measure "${MEASURE_LIMIT:-150}" python3 bench/gpu_check.py measure --config "$CONFIG" --runs "${RUNS[@]}" \
   --out "$OUT" ${MEASURE_ARGS:-}
 ls -la "$OUT"
