@@ -121,13 +121,14 @@ def run_arguments(ap: argparse.ArgumentParser, stage: str, tiles: int) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
-def named_runs(ap: argparse.ArgumentParser, items: list[str]) -> list[tuple[str, Path]]:
+def named_runs(ap: argparse.ArgumentParser, items: list[str], option: str = "--run",
+               value: str = "RUN_DIR") -> list[tuple[str, Path]]:
     """``NAME=RUN_DIR`` options as (name, path) pairs; a malformed one stops with a usage error."""
     pairs = []
     for item in items:
         name, sep, path = item.partition("=")
         if not sep:
-            ap.error(f"--run {item!r}: expected NAME=RUN_DIR")
+            ap.error(f"{option} {item!r}: expected NAME={value}")
         pairs.append((name, Path(path)))
     return pairs
 

@@ -118,7 +118,10 @@ def npy_tiles(path: Path, n: int) -> np.ndarray:
     """The first ``n`` tiles of a saved (count, H, W, 3) uint8 array."""
     if not path.is_file():
         raise UserError(f"--samples {path}: no such file")
-    tiles = np.load(path, mmap_mode="r")
+    try:
+        tiles = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as err:
+        raise UserError(f"--samples {path}: not a NumPy .npy array ({err})") from err
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
         raise UserError(f"--samples {path}: expected (count, H, W, 3) uint8 tiles, got {tiles.shape} {tiles.dtype}")
     if len(tiles) < n:
@@ -147,10 +150,10 @@ def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path
         sets.append((name, kind, run, lambda run=run, o=overrides.get(name, []): ldm_set(run, args.n, o)))
     if args.samples and args.samples_run is None:
         ap.error("--samples needs --samples-run RUN_DIR: the run whose autoencoder decoded them")
-    for name, path in named_runs(ap, args.samples):
+    for name, path in named_runs(ap, args.samples, "--samples", "FILE.npy"):
         sets.append((name, f"samples from {path.name}", args.samples_run,
                      lambda path=path: npy_tiles(path, args.n)))
-    for name, run in named_runs(ap, args.gaussian):
+    for name, run in named_runs(ap, args.gaussian, "--gaussian"):
         sets.append((name, "Gaussian fit to the pool latents", run,
                      lambda run=run: gaussian_tiles(run, args.n, args.seed)[0]))
     for run in args.control:

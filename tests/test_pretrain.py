@@ -423,6 +423,14 @@ def test_two_sample_test(smoke_run: RunDir, tmp_path: Path) -> None:
     few = subprocess.run([*script, "--samples", f"npy={saved}", "--samples-run", str(smoke_run.root), "--n", "32"],
                          capture_output=True, text=True, timeout=300)
     assert few.returncode != 0 and "saved.npy: 16 tiles, fewer than --n 32" in few.stderr
+    (tmp_path / "broken.npy").write_bytes(b"not an array")
+    broken = subprocess.run([*script, "--samples", f"npy={tmp_path / 'broken.npy'}", "--samples-run",
+                             str(smoke_run.root), "--n", "8"], capture_output=True, text=True, timeout=300)
+    assert broken.returncode != 0 and "broken.npy: not a NumPy .npy array" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    unnamed = subprocess.run([*script, "--samples", str(saved), "--samples-run", str(smoke_run.root)],
+                             capture_output=True, text=True, timeout=300)
+    assert unnamed.returncode == 2 and "expected NAME=FILE.npy" in unnamed.stderr
 
 
 def test_trial_samples_are_redrawn_after_more_training(smoke_run: RunDir, smoke_cfg, tmp_path: Path,
