@@ -41,7 +41,7 @@ from histodiffusion.diffusion.losses import diffusion_loss
 from histodiffusion.diffusion.sampling import unet_eps_fn
 from histodiffusion.diffusion.schedules import training_scheduler
 from histodiffusion.io import read_json, read_jsonl, write_json, write_text
-from histodiffusion.models.unet import build_unet
+from histodiffusion.models.unet import build_unet, count_parameters
 from histodiffusion.stages.autoencoder import load_vae
 from histodiffusion.stages.pretrain import load_unet
 
@@ -130,7 +130,7 @@ def measure(args) -> None:
         tiles, seconds = sample_array(cfg, run, device, args.num_samples)
         np.save(out / f"{name}_samples.npy", tiles)
         unet, _ = load_unet(run / "pretrain")
-        if sum(p.numel() for p in unet.parameters()) * 2 < 15 * 2**20:  # what a device call can bring back
+        if count_parameters(unet) * 2 < 15 * 2**20:  # fp16 bytes: what a device call can bring back
             save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()},
                       str(out / f"{name}_unet_fp16.safetensors"))
         else:

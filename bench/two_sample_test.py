@@ -94,10 +94,11 @@ def real_rows(run: Path, n: int, seed: int) -> tuple[TileCache, np.ndarray, np.n
     return cache, np.sort(rows[:n]), np.sort(rows[n:])
 
 
-def reference_set(run: Path, n: int, seed: int) -> np.ndarray:
-    """N real pool tiles reconstructed by the run's autoencoder."""
-    cache, rows, _ = real_rows(run, n, seed)
-    return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(rows))
+def reference_set(run: Path, n: int, seed: int, control: bool = False) -> np.ndarray:
+    """N real pool tiles reconstructed by the run's autoencoder: the reference rows of
+    :func:`real_rows`, or with ``control`` its other rows (the false-alarm control)."""
+    cache, reference, other = real_rows(run, n, seed)
+    return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(other if control else reference))
 
 
 def ldm_set(run: Path, n: int, overrides: list[str] = ()) -> np.ndarray:
@@ -144,8 +145,9 @@ def set_overrides(ap: argparse.ArgumentParser, items: list[str], names: list[str
 def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path, Callable[[], np.ndarray]]]:
     """(name, kind, run, make) per requested set; ``make()`` returns its N tiles."""
     sets = []
-    overrides = set_overrides(ap, args.set, [name for name, _ in named_runs(ap, args.run)])
-    for name, run in named_runs(ap, args.run):
+    runs = named_runs(ap, args.run)
+    overrides = set_overrides(ap, args.set, [name for name, _ in runs])
+    for name, run in runs:
         kind = "LDM samples" + (f" ({', '.join(overrides[name])})" if overrides.get(name) else "")
         sets.append((name, kind, run, lambda run=run, o=overrides.get(name, []): ldm_set(run, args.n, o)))
     if args.samples and args.samples_run is None:
@@ -158,8 +160,7 @@ def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path
                      lambda run=run: gaussian_tiles(run, args.n, args.seed)[0]))
     for run in args.control:
         def other(run=run):
-            cache, _, rows = real_rows(run, args.n, args.seed)
-            return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(rows))
+            return reference_set(run, args.n, args.seed, control=True)
 
         def raw(run=run):
             cache, _, rows = real_rows(run, args.n, args.seed)
@@ -168,7 +169,7 @@ def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path
         sets.append((f"control-reconstructed-{run.name}", "other real tiles, reconstructed (false alarm)", run, other))
         sets.append((f"control-raw-{run.name}", "other real tiles, not reconstructed", run, raw))
     if not sets:
-        ap.error("name at least one set: --run, --gaussian or --control")
+        ap.error("name at least one set: --run, --samples, --gaussian or --control")
     return sets
 
 
