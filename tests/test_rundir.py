@@ -109,3 +109,18 @@ def test_stage_needs_its_upstream(tmp_path: Path) -> None:
             run_stage("needs", _cfg(), RunDir(tmp_path))
     finally:
         del STAGES["needs"]
+
+
+def test_resumed_progress_eta_counts_only_the_steps_of_this_call(capsys: pytest.CaptureFixture) -> None:
+    """A run resumed at 80 of 100 steps that does 10 in 10 s has about 10 s left, not 2.5 s."""
+    from histodiffusion.progress import _LineProgress
+
+    clock = iter([10.0, 20.0])
+    bar = _LineProgress("pretrain", total=100, completed=80)
+    bar._time, bar.start = lambda: next(clock), 0.0
+    bar(5)  # 85 %: below the next 10 % mark, no line
+    bar(5)
+    line = capsys.readouterr().err
+    assert "90/100 (90%)" in line and "eta 10s" in line, line
+    bar(10)
+    assert "100/100 (100%)" in capsys.readouterr().err

@@ -28,8 +28,11 @@ def warn(message: str) -> None:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True,
-                 unit: str = "") -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n=1, **status)``; ``status`` key=values are shown after the bar."""
+                 unit: str = "", completed: int = 0) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **status)``; ``status`` key=values are shown after the bar.
+
+    ``completed``: units done before this call (a resumed run); they count toward the bar but not
+    toward the rate, so the ETA is that of the units left at this call's speed."""
     if not enabled:
         yield lambda n=1, **status: None
         return
@@ -45,10 +48,10 @@ def progress_bar(description: str, total: int, enabled: bool = True,
     ]
     # Outside a terminal (CI logs, nohup) redraws would flood the log: print sparse lines instead.
     if not sys.stderr.isatty():
-        yield _LineProgress(description, total)
+        yield _LineProgress(description, total, completed)
         return
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, status="")
+        task = progress.add_task(description, total=total, completed=completed, status="")
 
         def advance(n: int = 1, **status: object) -> None:
             text = "  ".join(f"{k} {_fmt(v)}" for k, v in status.items())
@@ -64,13 +67,14 @@ def _fmt(value: object) -> str:
 class _LineProgress:
     """Plain-text progress for logs: a line at every 10% with rate and ETA."""
 
-    def __init__(self, description: str, total: int):
+    def __init__(self, description: str, total: int, completed: int = 0):
         import time
 
         self._time = time.monotonic
-        self.description, self.total, self.done = description, max(total, 1), 0
+        self.description, self.total = description, max(total, 1)
+        self.done = self.resumed_at = completed
         self.start = self._time()
-        self.next_mark = 0.1
+        self.next_mark = (int(completed * 10 / self.total) + 1) / 10
 
     def __call__(self, n: int = 1, **status: object) -> None:
         self.done += n
@@ -80,7 +84,8 @@ class _LineProgress:
         while self.next_mark <= frac + 1e-9:
             self.next_mark += 0.1
         elapsed = self._time() - self.start
-        eta = elapsed / frac * (1 - frac) if frac > 0 else 0.0
+        here = self.done - self.resumed_at  # done by this call: the rate
+        eta = elapsed / here * (self.total - self.done) if here > 0 else 0.0
         text = "  ".join(f"{k} {_fmt(v)}" for k, v in status.items())
         console.print(f"{self.description}: {self.done}/{self.total} ({frac:.0%}) "
                       f"elapsed {elapsed:.0f}s eta {eta:.0f}s {text}")

@@ -237,8 +237,7 @@ def run_loop(folder: Path, accelerator: Accelerator, spec: LoopSpec, step_fn: Ca
     t_start = t_last = time.time()
     n_last = start
     with progress_bar(spec.description, total=spec.steps, enabled=progress and accelerator.is_main_process,
-                      unit="steps") as advance:
-        advance(start)
+                      unit="steps", completed=start) as advance:
         for step in range(start, spec.steps):
             metrics = step_fn(step)
             if ema is not None and model is not None:
