@@ -129,7 +129,8 @@ def test_hash_ignores_settings_that_do_not_change_results() -> None:
 
 
 def test_a_setting_added_later_leaves_old_hashes_alone_while_off() -> None:
-    """A run directory made before scale_equivariance_weight existed still matches at weight 0."""
+    """A run directory made before scale_equivariance_weight and train.cooldown_steps existed still
+    matches while they are off."""
     import hashlib
     import json
 
@@ -137,11 +138,12 @@ def test_a_setting_added_later_leaves_old_hashes_alone_while_off() -> None:
 
     a = config_from_dict(_raw())
     before = _drop_keys(a.to_dict(), _NON_SEMANTIC_KEYS)["autoencoder"]
-    before.pop("scale_equivariance_weight")  # the section as it was before the key was added
+    before.pop("scale_equivariance_weight")  # the section as it was before the keys were added
+    before["train"].pop("cooldown_steps")
     old_hash = hashlib.sha256(json.dumps({"autoencoder": before}, sort_keys=True).encode()).hexdigest()[:16]
     assert a.section_hash("autoencoder") == old_hash
-    on = config_from_dict(_raw(), ["autoencoder.scale_equivariance_weight=0.5"])
-    assert on.section_hash("autoencoder") != old_hash
+    for setting in ("autoencoder.scale_equivariance_weight=0.5", "autoencoder.train.cooldown_steps=10"):
+        assert config_from_dict(_raw(), [setting]).section_hash("autoencoder") != old_hash, setting
 
 
 def test_every_config_key_is_documented() -> None:

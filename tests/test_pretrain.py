@@ -181,7 +181,8 @@ def test_more_steps_continue_a_finished_stage(smoke_run: RunDir, smoke_cfg, tmp_
     a, b = _train_weights(straight.root), _train_weights(extended.root)
     assert all(torch.equal(a[k], b[k]) for k in a)
     done = json.loads((extended.root / "pretrain" / "DONE").read_text())
-    assert done["summary"]["extended_from"] == {"pretrain.train.steps": 4} and done["summary"]["steps"] == 8
+    assert done["summary"]["extended_from"] == {"pretrain.train.steps": 4, "pretrain.train.cooldown_steps": 0}
+    assert done["summary"]["steps"] == 8
     log = [json.loads(x) for x in (extended.root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]  # the first run's log is kept
 
@@ -191,6 +192,41 @@ def test_more_steps_continue_a_finished_stage(smoke_run: RunDir, smoke_cfg, tmp_
     cfg.pretrain.train.steps, cfg.pretrain.train.lr = 10, cfg.pretrain.train.lr * 2
     with pytest.raises(UserError, match="different config"):  # more steps, but also another lr
         run_stage("pretrain", cfg, extended)
+
+
+def test_cooldown_added_later_matches_a_run_that_asked_for_it(smoke_run: RunDir, smoke_cfg, tmp_path: Path) -> None:
+    """A constant-LR run trained on with a cooldown in the added steps ends at the weights of a run
+    that asked for the cooldown from the start; a cooldown reaching into trained steps is refused."""
+    import shutil
+
+    from histodiffusion.errors import UserError
+    from histodiffusion.training.loop import lr_multiplier
+
+    cfg = smoke_cfg.model_copy(deep=True)
+    cfg.pretrain.train.checkpoint_every, cfg.pretrain.train.warmup_steps = 2, 2
+    straight, later = RunDir(tmp_path / "straight"), RunDir(tmp_path / "later")
+    for rd in (straight, later):
+        for stage in ("data", "autoencoder", "latents"):
+            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    cfg.pretrain.train.steps, cfg.pretrain.train.cooldown_steps = 8, 4
+    assert [lr_multiplier(cfg.pretrain.train)(s) for s in range(8)] == [0.5, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    run_stage("pretrain", cfg, straight)
+    cfg.pretrain.train.steps, cfg.pretrain.train.cooldown_steps = 4, 0
+    run_stage("pretrain", cfg, later)
+    plain = _train_weights(later.root)
+    cfg.pretrain.train.steps, cfg.pretrain.train.cooldown_steps = 8, 5
+    with pytest.raises(UserError, match="cooldown_steps = 5 would start the cooldown at step 3"):
+        run_stage("pretrain", cfg, later)
+    cfg.pretrain.train.cooldown_steps = 4
+    run_stage("pretrain", cfg, later)
+
+    a, b = _train_weights(straight.root), _train_weights(later.root)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
+    log = [json.loads(x) for x in (later.root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log][-1] < log[1]["lr"]  # the last logged step ran at a lower rate
+    assert json.loads((later.root / "pretrain" / "DONE").read_text())["summary"]["extended_from"] == {
+        "pretrain.train.steps": 4, "pretrain.train.cooldown_steps": 0}
 
 
 def test_sample_command_tiles_do_not_depend_on_batch_size(smoke_run: RunDir, smoke_cfg, tmp_path: Path) -> None:

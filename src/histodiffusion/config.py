@@ -161,6 +161,12 @@ class TrainCfg(_Section):
     """After warm-up: constant, or cosine decay to 10% of the peak."""
     warmup_steps: Annotated[int, Field(ge=0)] = 100
     """Linear learning-rate warm-up from 0 over this many steps."""
+    cooldown_steps: Annotated[int, Field(ge=0)] = 0
+    """Over the last this many of ``steps`` the learning rate falls linearly to 0 (a
+    warmup-stable-decay schedule with ``lr_schedule: constant``). A finished or paused constant-LR
+    run can be cooled down later: rerun it with more ``steps`` and a ``cooldown_steps`` no larger
+    than the steps added; it continues from its checkpoint to the weights of a run that asked for
+    that schedule from the start."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     """AdamW weight decay."""
     grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
@@ -178,6 +184,13 @@ class TrainCfg(_Section):
     time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None
     """Stop after this many minutes of this invocation (checkpointed); rerunning continues. Lets a
     long run span several sessions, and compares settings at equal compute."""
+
+    @model_validator(mode="after")
+    def _cooldown_fits(self) -> TrainCfg:
+        if self.cooldown_steps > self.steps:
+            raise ValueError(f"cooldown_steps ({self.cooldown_steps}) is more than steps ({self.steps}): the "
+                             "cooldown is the last part of the run; lower it or raise steps")
+        return self
 
 
 class AutoencoderArch(_Section):
@@ -508,7 +521,7 @@ class ExperimentConfig(_Section):
     def section_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
         """Stable hash of the named sections (dotted paths), leaving out settings that do not change
         results (where the data lives, worker counts, device) and the dotted paths in ``exclude``."""
-        full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS)
+        full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS, _ADDED_LATER_KEYS)
         for dotted in (*_NON_SEMANTIC, *exclude):
             parent, _, leaf = dotted.rpartition(".")
             node = get_path(full, parent) if parent else full
@@ -531,13 +544,18 @@ _NON_SEMANTIC_KEYS = frozenset({"time_limit_minutes", "log_every", "checkpoint_e
 # Settings added after runs already existed, with the value that means "off": at that value they
 # stay out of the hash, so run directories made before they existed keep matching their config.
 _ADDED_LATER = {"autoencoder.scale_equivariance_weight": 0.0}
+# The same for a setting of every training section, by key name.
+_ADDED_LATER_KEYS = {"cooldown_steps": 0}
 
 
-def _drop_keys(tree: Any, keys: frozenset[str]) -> Any:
+def _drop_keys(tree: Any, keys: frozenset[str], off: dict[str, Any] | None = None) -> Any:
+    """``tree`` without the keys in ``keys``, and without those in ``off`` that hold their off value."""
+    off = off or {}
     if isinstance(tree, dict):
-        return {k: _drop_keys(v, keys) for k, v in tree.items() if k not in keys}
+        return {k: _drop_keys(v, keys, off) for k, v in tree.items()
+                if k not in keys and not (k in off and v == off[k])}
     if isinstance(tree, list):
-        return [_drop_keys(v, keys) for v in tree]
+        return [_drop_keys(v, keys, off) for v in tree]
     return tree
 
 

@@ -124,15 +124,27 @@ class RunDir:
         old = state.get("steps")
         if base_hash is None or state.get("base_hash") != base_hash or not isinstance(old, dict):
             return None
+        # a run begun before cooldown_steps existed had none
+        old = {**{k: 0 for k in steps if k.endswith(".cooldown_steps")}, **old}
         if old == steps or set(old) != set(steps):
             return None
-        fewer = [k for k in steps if steps[k] < old[k]]
+        counts = [k for k in steps if k.rpartition(".")[2] == "steps"]
+        fewer = [k for k in counts if steps[k] < old[k]]
         if fewer:
             raise UserError(
                 f"stage '{key}' in {self.root} was trained for more steps than asked now ("
                 + ", ".join(f"{k}: {old[k]} before, {steps[k]} now" for k in fewer)
                 + f"). Ask for at least as many, or rerun with --force {key.split('/')[0]} to train afresh."
             )
+        for k in counts:
+            cool = k.removesuffix("steps") + "cooldown_steps"
+            if steps.get(cool, 0) != old.get(cool, 0) and steps[k] - steps.get(cool, 0) < old[k]:
+                raise UserError(
+                    f"stage '{key}' in {self.root} has trained {old[k]} steps, but {cool} = {steps[cool]} "
+                    f"would start the cooldown at step {steps[k] - steps[cool]}, before them. A cooldown added "
+                    f"later must fit in the added steps: ask for {k} >= {old[k] + steps[cool]}, or rerun "
+                    f"with --force {key.split('/')[0]} to train afresh."
+                )
         return old
 
     def begin(self, key: str, stage_hash: str, force: bool = False, base_hash: str | None = None,

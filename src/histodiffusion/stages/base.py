@@ -77,13 +77,14 @@ def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | flo
 
 
 def training_steps(stage: Stage, cfg: ExperimentConfig) -> dict[str, int]:
-    """Every ``steps`` setting in the stage's config sections, by dotted path."""
+    """Every ``steps`` and ``cooldown_steps`` setting in the stage's config sections, by dotted path:
+    a run may be extended by more steps, and cooled down in the steps added."""
     found: dict[str, int] = {}
 
     def walk(node, path: str) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if k == "steps" and isinstance(v, int):
+                if k in ("steps", "cooldown_steps") and isinstance(v, int):
                     found[f"{path}.{k}"] = v
                 else:
                     walk(v, f"{path}.{k}")

@@ -126,11 +126,25 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Ca
     return f
 
 
+def with_cooldown(schedule: Callable[[int], float], total_steps: int, cooldown_steps: int) -> Callable[[int], float]:
+    """``schedule`` times a linear fall to 0 over the last ``cooldown_steps`` of ``total_steps``
+    (warmup-stable-decay when ``schedule`` is constant after its warm-up). Step ``total_steps - 1``,
+    the last one trained, gets ``1 / cooldown_steps`` of the rate."""
+    if cooldown_steps <= 0:
+        return schedule
+
+    def f(step: int) -> float:
+        return schedule(step) * min(1.0, max(0.0, (total_steps - step) / cooldown_steps))
+    return f
+
+
 def lr_multiplier(train) -> Callable[[int], float]:
-    """The LR multiplier of a ``TrainCfg``: warm-up, then constant or cosine."""
+    """The LR multiplier of a ``TrainCfg``: warm-up, then constant or cosine, then its cooldown."""
     if train.lr_schedule == "cosine":
-        return warmup_cosine(train.warmup_steps, train.steps)
-    return warmup_constant(train.warmup_steps)
+        base = warmup_cosine(train.warmup_steps, train.steps)
+    else:
+        base = warmup_constant(train.warmup_steps)
+    return with_cooldown(base, train.steps, train.cooldown_steps)
 
 
 # ------------------------------------------------------------------------- checkpoints
