@@ -36,6 +36,7 @@ from histodiffusion.stages import run_stage
 from histodiffusion.stages.report import pool_grid
 from histodiffusion.stages.sample import sample_tiles
 from histodiffusion.stages.synthesize import file_hash
+from histodiffusion.training.loop import Checkpointer
 from histodiffusion.viz import grid, save_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +128,15 @@ TRIALS = {
     # Capacity against steps at equal CPU time: Q trained on to 85 minutes, beside I3-70min/-100min.
     "Q-85min": ("64px-f4-pc-fixnorm", UNET_WIDE + V_MINSNR + BF16,
                 "Q continued for 60 more minutes (85 in all; its work folder started as a copy of Q's)"),
+    # The learning rate: I3-100min's last 5578 steps again from I3-70min's weights, cooled down
+    # linearly to 0 instead of at the constant 5e-4 (the same steps, latents and CPU time).
+    "I3-100min-cd": ("64px-f4-pc-fixnorm", PRESET_LDM + ["pretrain.train.steps=20146",
+                                                         "pretrain.train.cooldown_steps=5578"],
+                     "I3-70min (step 14568) trained on to I3-100min's 20146 steps with the learning rate "
+                     "falling linearly to 0 over those 5578 steps (a warmup-stable-decay cooldown)"),
 }
+# Trials that start as a copy of another trial's work folder.
+CONTINUES = {"I3-100min-cd": "I3-70min"}
 
 
 def _cfg(config: Path, overrides: list[str]):
@@ -159,16 +168,34 @@ def trial_samples(cfg, rd: RunDir, name: str) -> np.ndarray:
     return tiles
 
 
+def continue_from(source: Path, rd: RunDir) -> None:
+    """Copy ``source``'s work folder to ``rd`` and record, as its pre-training step count, the step
+    its last checkpoint reached. The source asked for a nominal 200000 steps and paused on its time
+    limit; recorded so, the copy may be asked for fewer than 200000 (a run that ends, and cools
+    down, at a given step), which the run directory refuses for a run trained to 200000."""
+    if not (source / "pretrain" / "checkpoints").is_dir():
+        sys.exit(f"{source} has no pre-training checkpoint to continue from; run that trial first")
+    shutil.copytree(source, rd.root, ignore=shutil.ignore_patterns("samples", "samples.npy"))
+    reached = Checkpointer(rd.root / "pretrain", keep=1).latest()[0]
+    state_file = rd.root / "pretrain" / "STATE.json"
+    state = json.loads(state_file.read_text())
+    state["steps"] = {**state["steps"], "pretrain.train.steps": reached}
+    write_json(state_file, state)
+
+
 def run_trial(config: Path, work: Path, name: str, minutes: float, ae: RunDir) -> dict:
     """Train one LDM setting for ``minutes`` and sample 64 tiles from its EMA model."""
     key, overrides, what = TRIALS[name]
     rd = RunDir(work / name)
+    if name in CONTINUES and not rd.root.exists():
+        continue_from(work / CONTINUES[name], rd)
     for stage in ("data", "autoencoder", "latents"):
         if not (rd.root / stage).exists():
             shutil.copytree(ae.root / stage, rd.root / stage)
-    cfg = _cfg(config, AUTOENCODERS[key] + overrides + [
+    # a nominal step count: the time limit ends a trial (a trial's own overrides come last and win)
+    cfg = _cfg(config, AUTOENCODERS[key] + [
         "pretrain.train.steps=200000", f"pretrain.train.time_limit_minutes={minutes}",
-        "pretrain.sample_every=0", "pretrain.train.checkpoint_every=100000"])
+        "pretrain.sample_every=0", "pretrain.train.checkpoint_every=100000"] + overrides)
     t0 = time.time()
     try:
         run_stage("pretrain", cfg, rd)
