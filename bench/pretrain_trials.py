@@ -169,18 +169,15 @@ def trial_samples(cfg, rd: RunDir, name: str) -> np.ndarray:
 
 
 def continue_from(source: Path, rd: RunDir) -> None:
-    """Copy ``source``'s work folder to ``rd`` and record, as its pre-training step count, the step
-    its last checkpoint reached. The source asked for a nominal 200000 steps and paused on its time
-    limit; recorded so, the copy may be asked for fewer than 200000 (a run that ends, and cools
-    down, at a given step), which the run directory refuses for a run trained to 200000."""
+    """Copy ``source``'s work folder to ``rd``, recording the step its last checkpoint reached. The
+    source asked for a nominal 200000 steps and paused on its time limit (trials run before the run
+    directory recorded that itself), so the copy may be asked for fewer: a run that ends, and cools
+    down, at a given step."""
     if not (source / "pretrain" / "checkpoints").is_dir():
         sys.exit(f"{source} has no pre-training checkpoint to continue from; run that trial first")
     shutil.copytree(source, rd.root, ignore=shutil.ignore_patterns("samples", "samples.npy"))
     reached = Checkpointer(rd.root / "pretrain", keep=1).latest()[0]
-    state_file = rd.root / "pretrain" / "STATE.json"
-    state = json.loads(state_file.read_text())
-    state["steps"] = {**state["steps"], "pretrain.train.steps": reached}
-    write_json(state_file, state)
+    rd.record_reached("pretrain", "pretrain.train.steps", reached)
 
 
 def run_trial(config: Path, work: Path, name: str, minutes: float, ae: RunDir) -> dict:

@@ -501,3 +501,42 @@ def test_trial_samples_are_redrawn_after_more_training(smoke_run: RunDir, smoke_
     assert np.abs(after.astype(int) - before.astype(int)).mean() > 1.0
     assert np.array_equal(np.load(later.root / "samples.npy"), after)
     assert len(list((later.root / "samples").glob("trial-*"))) == 2  # the copied folder and its own
+
+
+def test_paused_run_can_end_and_cool_down_before_its_first_step_count(smoke_run: RunDir, smoke_cfg,
+                                                                      tmp_path: Path) -> None:
+    """A run asked for many steps that paused on its time limit may be asked for fewer, as long as
+    not fewer than it has trained; cooled down in the steps added, it ends at the weights of a run
+    that asked for that schedule from the start."""
+    import shutil
+
+    from histodiffusion.errors import StagePaused, UserError
+
+    cfg = smoke_cfg.model_copy(deep=True)
+    cfg.pretrain.train.steps, cfg.pretrain.train.warmup_steps = 100000, 2
+    cfg.pretrain.train.time_limit_minutes = 0.02
+    paused, straight = RunDir(tmp_path / "paused"), RunDir(tmp_path / "straight")
+    for rd in (paused, straight):
+        for stage in ("data", "autoencoder", "latents"):
+            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    with pytest.raises(StagePaused):
+        run_stage("pretrain", cfg, paused)
+    first = max(int(p.name.split("-")[1]) for p in (paused.root / "pretrain" / "checkpoints").iterdir())
+    assert json.loads((paused.root / "pretrain" / "STATE.json").read_text())["reached"] == {
+        "pretrain.train.steps": first}
+    cfg.pretrain.train.time_limit_minutes = None
+    cfg.pretrain.train.steps = first - 1
+    with pytest.raises(UserError, match=f"pretrain.train.steps: {first} before, {first - 1} now"):
+        run_stage("pretrain", cfg, paused)
+    cfg.pretrain.train.steps, cfg.pretrain.train.cooldown_steps = first + 6, 7
+    with pytest.raises(UserError, match=f"start the cooldown at step {first - 1}, before them"):
+        run_stage("pretrain", cfg, paused)
+    cfg.pretrain.train.cooldown_steps = 6
+    run_stage("pretrain", cfg, paused)
+    run_stage("pretrain", cfg, straight)
+
+    a, b = _train_weights(straight.root), _train_weights(paused.root)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    done = json.loads((paused.root / "pretrain" / "DONE").read_text())["summary"]
+    assert done["steps"] == first + 6
+    assert done["extended_from"] == {"pretrain.train.steps": first, "pretrain.train.cooldown_steps": 0}

@@ -115,10 +115,12 @@ class RunDir:
             return {}
 
     def extension(self, key: str, base_hash: str | None, steps: dict[str, int]) -> dict[str, int] | None:
-        """The old step counts when this run only adds training steps to the stage, else None.
+        """The step counts trained so far when this run only adds training steps to the stage, else None.
 
         That is: the stage was started (finished or not) with the same config except its step counts
-        (``base_hash``), and no step count goes down. A rerun then continues from its checkpoint.
+        (``base_hash``); no step count goes below the steps trained (a run that paused on its time
+        limit may be asked for fewer than it first was, see :meth:`record_reached`); and a cooldown
+        changed or added starts no earlier than them. A rerun then continues from its checkpoint.
         """
         state = self._state(key)
         old = state.get("steps")
@@ -129,23 +131,33 @@ class RunDir:
         if old == steps or set(old) != set(steps):
             return None
         counts = [k for k in steps if k.rpartition(".")[2] == "steps"]
-        fewer = [k for k in counts if steps[k] < old[k]]
+        # steps trained: those asked for, or fewer where the run paused on its time limit
+        trained = {k: min(old[k], state.get("reached", {}).get(k, old[k])) for k in counts}
+        fewer = [k for k in counts if steps[k] < trained[k]]
         if fewer:
             raise UserError(
                 f"stage '{key}' in {self.root} was trained for more steps than asked now ("
-                + ", ".join(f"{k}: {old[k]} before, {steps[k]} now" for k in fewer)
+                + ", ".join(f"{k}: {trained[k]} before, {steps[k]} now" for k in fewer)
                 + f"). Ask for at least as many, or rerun with --force {key.split('/')[0]} to train afresh."
             )
         for k in counts:
             cool = k.removesuffix("steps") + "cooldown_steps"
-            if steps.get(cool, 0) != old.get(cool, 0) and steps[k] - steps.get(cool, 0) < old[k]:
+            start, old_start = steps[k] - steps.get(cool, 0), old[k] - old.get(cool, 0)
+            if start != old_start and start < trained[k]:
                 raise UserError(
-                    f"stage '{key}' in {self.root} has trained {old[k]} steps, but {cool} = {steps[cool]} "
-                    f"would start the cooldown at step {steps[k] - steps[cool]}, before them. A cooldown added "
-                    f"later must fit in the added steps: ask for {k} >= {old[k] + steps[cool]}, or rerun "
+                    f"stage '{key}' in {self.root} has trained {trained[k]} steps, but {cool} = {steps[cool]} "
+                    f"would start the cooldown at step {start}, before them. A cooldown added "
+                    f"later must fit in the added steps: ask for {k} >= {trained[k] + steps[cool]}, or rerun "
                     f"with --force {key.split('/')[0]} to train afresh."
                 )
-        return old
+        return {**old, **trained}
+
+    def record_reached(self, key: str, steps_key: str, step: int) -> None:
+        """Record in STATE.json that the stage paused at ``step`` of ``steps_key`` (see :meth:`extension`)."""
+        state = self._state(key)
+        if state:
+            state["reached"] = {**state.get("reached", {}), steps_key: step}
+            io.write_json(self.stage_dir(key) / STATE, state)
 
     def begin(self, key: str, stage_hash: str, force: bool = False, base_hash: str | None = None,
               steps: dict[str, int] | None = None, extend: bool = False) -> Path:

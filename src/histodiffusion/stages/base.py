@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histodiffusion.config import ExperimentConfig, budget_name, get_path
-from histodiffusion.errors import UserError
+from histodiffusion.errors import StagePaused, UserError
 from histodiffusion.progress import console
 from histodiffusion.rundir import RunDir
 
@@ -162,7 +162,13 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
         t0 = time.time()
         summary = {}
         if stage.distributed or state.is_main_process:
-            summary = stage.fn(StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)) or {}
+            try:
+                summary = stage.fn(StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)) or {}
+            except StagePaused as paused:
+                counts = [k for k in steps if k.rpartition(".")[2] == "steps"]
+                if paused.reached is not None and len(counts) == 1 and state.is_main_process:
+                    run_dir.record_reached(key, counts[0], paused.reached)
+                raise
         state.wait_for_everyone()
         summary["wall_seconds"] = round(time.time() - t0, 1)
         if extended_from:

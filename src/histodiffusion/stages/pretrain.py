@@ -126,7 +126,7 @@ def train_diffusion(cfg, folder: Path, vae_folder: Path, unet: UNet2DModel, late
     if reached < train.steps:
         raise StagePaused(f"{description}: stopped at step {reached}/{train.steps} after its time limit "
                           f"(train.time_limit_minutes); the EMA model so far is in {folder / UNET}. "
-                          "Rerun the same command to continue.")
+                          "Rerun the same command to continue.", reached=reached)
     return ema.shadow
 
 
