@@ -29,6 +29,11 @@ _PACKAGES = ("histodiffusion", "torch", "torchvision", "diffusers", "accelerate"
              "torchmetrics", "safetensors", "numpy", "Pillow", "pydantic")
 
 
+def step_counts(steps: dict[str, int]) -> list[str]:
+    """The step-count keys (``...train.steps``) of a stage's training settings, not its ``cooldown_steps``."""
+    return [k for k in steps if k.rpartition(".")[2] == "steps"]
+
+
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     """``cfg.run_dir`` or ``runs/<experiment>`` under the current folder."""
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.experiment
@@ -130,7 +135,7 @@ class RunDir:
         old = {**{k: 0 for k in steps if k.endswith(".cooldown_steps")}, **old}
         if old == steps or set(old) != set(steps):
             return None
-        counts = [k for k in steps if k.rpartition(".")[2] == "steps"]
+        counts = step_counts(steps)
         # steps trained: those asked for, or fewer where the run paused on its time limit
         trained = {k: min(old[k], state.get("reached", {}).get(k, old[k])) for k in counts}
         fewer = [k for k in counts if steps[k] < trained[k]]

@@ -215,7 +215,8 @@ def run(ctx: StageContext) -> dict:
     reached = run_loop(ctx.folder, accelerator, spec, step_fn, on_sample=on_sample)
     if reached < train.steps:
         raise StagePaused(f"autoencoder: stopped at step {reached}/{train.steps} after its time limit "
-                          "(train.time_limit_minutes); rerun the same command to continue.", reached=reached)
+                          "(train.time_limit_minutes); rerun the same command to continue, or, to end the "
+                          f"run sooner, ask for fewer steps (at least {reached}).", reached=reached)
     model: AutoencoderKL = accelerator.unwrap_model(vae)
     metrics = evaluate(model, data.cache, data.holdout, device)
     norm = measure_normalization(model, data.cache, data.scale_rows(cfg.seed), device, cfg.seed,

@@ -11,7 +11,7 @@ from pathlib import Path
 from histodiffusion.config import ExperimentConfig, budget_name, get_path
 from histodiffusion.errors import StagePaused, UserError
 from histodiffusion.progress import console
-from histodiffusion.rundir import RunDir
+from histodiffusion.rundir import RunDir, step_counts
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
             try:
                 summary = stage.fn(StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)) or {}
             except StagePaused as paused:
-                counts = [k for k in steps if k.rpartition(".")[2] == "steps"]
+                counts = step_counts(steps)
                 if paused.reached is not None and len(counts) == 1 and state.is_main_process:
                     run_dir.record_reached(key, counts[0], paused.reached)
                 raise

@@ -126,7 +126,9 @@ def train_diffusion(cfg, folder: Path, vae_folder: Path, unet: UNet2DModel, late
     if reached < train.steps:
         raise StagePaused(f"{description}: stopped at step {reached}/{train.steps} after its time limit "
                           f"(train.time_limit_minutes); the EMA model so far is in {folder / UNET}. "
-                          "Rerun the same command to continue.", reached=reached)
+                          f"Rerun the same command to continue, or, to end the run sooner, ask for fewer "
+                          f"steps (at least {reached}), with train.cooldown_steps in the ones added if you "
+                          "like.", reached=reached)
     return ema.shadow
 
 
