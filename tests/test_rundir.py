@@ -124,3 +124,14 @@ def test_resumed_progress_eta_counts_only_the_steps_of_this_call(capsys: pytest.
     assert "90/100 (90%)" in line and "eta 10s" in line, line
     bar(10)
     assert "100/100 (100%)" in capsys.readouterr().err
+
+
+def test_training_progress_shows_loss_rate_and_eta(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The training bar (plain lines outside a terminal) shows loss, images/s and the ETA."""
+    from histodiffusion.training.loop import LoopSpec, make_accelerator, run_loop
+
+    spec = LoopSpec(steps=10, log_every=2, checkpoint_every=10, images_per_step=8, description="toy")
+    reached = run_loop(tmp_path, make_accelerator("cpu", "no"), spec, lambda step: {"loss": 1.0 / (step + 1)})
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("toy:")]
+    assert reached == 10 and lines[-1].startswith("toy: 10/10 (100%)")
+    assert "loss 0.1" in lines[-1] and "images/s " in lines[-1] and " eta " in lines[-1], lines[-1]

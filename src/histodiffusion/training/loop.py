@@ -250,6 +250,7 @@ def run_loop(folder: Path, accelerator: Accelerator, spec: LoopSpec, step_fn: Ca
     window: dict[str, list[float]] = {}
     t_start = t_last = time.time()
     n_last = start
+    speed: dict[str, float] = {}  # images/s over the last logging window, shown on the bar
     with progress_bar(spec.description, total=spec.steps, enabled=progress and accelerator.is_main_process,
                       unit="steps", completed=start) as advance:
         for step in range(start, spec.steps):
@@ -267,7 +268,8 @@ def run_loop(folder: Path, accelerator: Accelerator, spec: LoopSpec, step_fn: Ca
                 if accelerator.is_main_process:
                     io.append_jsonl(log_path, record)
                 window, t_last, n_last = {}, now, done
-            advance(1, **{k: round(float(v), 4) for k, v in metrics.items() if k in ("loss", "lr")})
+                speed = {"images/s": round(rate, 1)}
+            advance(1, **{k: round(float(v), 4) for k, v in metrics.items() if k in ("loss", "lr")}, **speed)
             if on_sample is not None and spec.sample_every and (done % spec.sample_every == 0 or done == spec.steps):
                 if accelerator.is_main_process:
                     on_sample(done)
