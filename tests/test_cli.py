@@ -159,6 +159,15 @@ def test_smoke_prepare_on_real_data(tmp_path: Path, data_root: Path) -> None:
     assert set(counts["pool"]["by_source"]) == {"ebhi", "lc25000", "nct_crc_he", "kather2016", "unlabeled_he"}
     rerun = cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--data-root", str(data_root), "--run-dir", str(run))
     assert rerun.returncode == 0 and "already done" in rerun.stderr
+    resumed = cli("data", "prepare", str(CONFIGS / "smoke.yaml"), "--data-root", str(data_root), "--run-dir", str(run),
+                  "--resume")
+    assert resumed.returncode == 0 and "already done" in resumed.stderr
+    never = _user_error(cli("train-autoencoder", str(CONFIGS / "smoke.yaml"), "--data-root", str(data_root),
+                            "--run-dir", str(tmp_path / "typo"), "--resume"))
+    assert "--resume: stage 'autoencoder' was never started in" in never and "typo" in never
+    assert not (tmp_path / "typo" / "autoencoder").exists()
+    both = _user_error(cli("pretrain", str(CONFIGS / "smoke.yaml"), "--run-dir", str(run), "--resume", "--force"))
+    assert "give one of them" in both
 
 
 def test_data_fetch_offline_says_where_to_put_files(tmp_path: Path) -> None:

@@ -31,6 +31,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="Folder holding the datasets (else HISTODIFFUSION_DATA).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo this stage even if it is done.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue this stage from its last checkpoint and fail "
+                                         "if it was never started here (a rerun resumes anyway; this guards "
+                                         "against a mistyped --run-dir starting afresh).")]
 
 
 def _load(config: Path, overrides: list[str] | None, run_dir: Path | None,
@@ -49,16 +52,22 @@ def _dry_run(cfg: ExperimentConfig) -> None:
 
 
 def _stages(names: tuple[str, ...], config: Path, overrides: list[str] | None, run_dir: Path | None,
-            data_root: Path | None, dry_run: bool, force: bool) -> None:
-    """Run ``names`` in order; ``--force`` applies to the last (the command's own stage)."""
+            data_root: Path | None, dry_run: bool, force: bool, resume: bool = False) -> None:
+    """Run ``names`` in order; ``--force`` and ``--resume`` apply to the last (the command's own stage)."""
     from histodiffusion.rundir import RunDir, default_run_dir
     from histodiffusion.stages import run_stage
+    from histodiffusion.stages.base import require_started
 
+    if force and resume:
+        raise UserError("--force redoes the stage and --resume continues it: give one of them")
     cfg = _load(config, overrides, run_dir, data_root)
     if dry_run:
         _dry_run(cfg)
+    rd = RunDir(default_run_dir(cfg))
+    if resume:
+        require_started(names[-1], cfg, rd)
     for name in names:
-        run_stage(name, cfg, RunDir(default_run_dir(cfg)), force=force and name == names[-1])
+        run_stage(name, cfg, rd, force=force and name == names[-1])
 
 
 # Stage commands: (typer app, command name, stages it runs, help). Each is the same thin call.
@@ -87,8 +96,8 @@ STAGE_COMMANDS = (
 
 def _register_stage_command(target: typer.Typer, name: str, stages: tuple[str, ...], text: str) -> None:
     def command(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
-                data_root: DataRootOpt = None, force: ForceOpt = False) -> None:
-        _stages(stages, config, set_, run_dir, data_root, dry_run, force)
+                data_root: DataRootOpt = None, force: ForceOpt = False, resume: ResumeOpt = False) -> None:
+        _stages(stages, config, set_, run_dir, data_root, dry_run, force, resume)
 
     command.__doc__ = text
     command.__name__ = name.replace("-", "_")

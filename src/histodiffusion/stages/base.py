@@ -76,6 +76,18 @@ def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | flo
     return [(f"{stage.name}/{budget_name(b)}", b) for b in cfg.data.target.budgets]
 
 
+def require_started(name: str, cfg: ExperimentConfig, run_dir: RunDir) -> None:
+    """Raise unless stage ``name`` was started (finished or not) in ``run_dir``: what ``--resume``
+    asks, so that a mistyped run directory or experiment name fails instead of starting afresh."""
+    keys = [key for key, _ in stage_keys(STAGES[name], cfg)]
+    if not any((run_dir.stage_dir(k) / f).is_file() for k in keys for f in ("STATE.json", "DONE")):
+        raise UserError(
+            f"--resume: stage '{name}' was never started in {run_dir.root} (no STATE.json under "
+            f"{run_dir.stage_dir(keys[0])}). Check --run-dir and the config's experiment name, or leave "
+            "out --resume to start it; a rerun resumes by itself wherever there is something to resume."
+        )
+
+
 def training_steps(stage: Stage, cfg: ExperimentConfig) -> dict[str, int]:
     """Every ``steps`` and ``cooldown_steps`` setting in the stage's config sections, by dotted path:
     a run may be extended by more steps, and cooled down in the steps added."""
