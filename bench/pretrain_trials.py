@@ -134,6 +134,13 @@ TRIALS = {
                                                          "pretrain.train.cooldown_steps=5578"],
                      "I3-70min (step 14568) trained on to I3-100min's 20146 steps with the learning rate "
                      "falling linearly to 0 over those 5578 steps (a warmup-stable-decay cooldown)"),
+    # The loss weighting again (O), on the fixed normalisation and for longer: min-SNR-5 gives the
+    # high-noise steps that set the layout 3 % (t=699) to 0.6 % (t=849) of plain v's weight; O's 10 minutes
+    # denoised at high noise as well as I2 after 65 (denoise_levels).
+    "O3-40min": ("64px-f4-pc-fixnorm", UNET_SMALL + BF16 + ["diffusion.prediction_type=v_prediction",
+                                                            "diffusion.min_snr_gamma=null"],
+                 "I3 with O's plain v-prediction loss (no min-SNR weighting), given 40 minutes in one go "
+                 "(run with --minutes 40), beside I3-40min"),
 }
 # Trials that start as a copy of another trial's work folder.
 CONTINUES = {"I3-100min-cd": "I3-70min"}
