@@ -15,6 +15,7 @@ from histodiffusion.data.images import read_rgb
 from histodiffusion.data.latents import LatentSet
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
+from histodiffusion.training.loop import Checkpointer
 
 
 def test_stage_outputs(smoke_run: RunDir) -> None:
@@ -112,20 +113,26 @@ def _train_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "pretrain" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+def _pretrain_ready(smoke_run: RunDir, tmp_path: Path, *names: str) -> list[RunDir]:
+    """Run directories under ``tmp_path`` holding the smoke run's data, autoencoder and latents."""
+    import shutil
+
+    runs = [RunDir(tmp_path / name) for name in names]
+    for rd in runs:
+        for stage in ("data", "autoencoder", "latents"):
+            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    return runs
+
+
 def test_interrupted_training_resumes_to_identical_weights(smoke_run: RunDir, smoke_cfg, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
 
     import histodiffusion.stages.pretrain as pretrain_mod
 
     cfg = smoke_cfg.model_copy(deep=True)
     cfg.pretrain.train.checkpoint_every = 2
     cfg.pretrain.train.steps = 6
-    straight = RunDir(tmp_path / "straight")
-    interrupted = RunDir(tmp_path / "interrupted")
-    for rd in (straight, interrupted):
-        for stage in ("data", "autoencoder", "latents"):
-            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    straight, interrupted = _pretrain_ready(smoke_run, tmp_path, "straight", "interrupted")
     run_stage("pretrain", cfg, straight)
 
     real = pretrain_mod.accumulate_step
@@ -157,17 +164,13 @@ def test_more_steps_continue_a_finished_stage(smoke_run: RunDir, smoke_cfg, tmp_
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Asking a finished training stage for more steps continues it from its last checkpoint, to the
     weights of a run that asked for that many steps from the start; fewer steps are refused."""
-    import shutil
 
     import histodiffusion.stages.pretrain as pretrain_mod
     from histodiffusion.errors import UserError
 
     cfg = smoke_cfg.model_copy(deep=True)
     cfg.pretrain.train.checkpoint_every = 2
-    straight, extended = RunDir(tmp_path / "straight"), RunDir(tmp_path / "extended")
-    for rd in (straight, extended):
-        for stage in ("data", "autoencoder", "latents"):
-            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    straight, extended = _pretrain_ready(smoke_run, tmp_path, "straight", "extended")
     cfg.pretrain.train.steps = 8
     run_stage("pretrain", cfg, straight)
     cfg.pretrain.train.steps = 4
@@ -197,17 +200,13 @@ def test_more_steps_continue_a_finished_stage(smoke_run: RunDir, smoke_cfg, tmp_
 def test_cooldown_added_later_matches_a_run_that_asked_for_it(smoke_run: RunDir, smoke_cfg, tmp_path: Path) -> None:
     """A constant-LR run trained on with a cooldown in the added steps ends at the weights of a run
     that asked for the cooldown from the start; a cooldown reaching into trained steps is refused."""
-    import shutil
 
     from histodiffusion.errors import UserError
     from histodiffusion.training.loop import lr_multiplier
 
     cfg = smoke_cfg.model_copy(deep=True)
     cfg.pretrain.train.checkpoint_every, cfg.pretrain.train.warmup_steps = 2, 2
-    straight, later = RunDir(tmp_path / "straight"), RunDir(tmp_path / "later")
-    for rd in (straight, later):
-        for stage in ("data", "autoencoder", "latents"):
-            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    straight, later = _pretrain_ready(smoke_run, tmp_path, "straight", "later")
     cfg.pretrain.train.steps, cfg.pretrain.train.cooldown_steps = 8, 4
     assert [lr_multiplier(cfg.pretrain.train)(s) for s in range(8)] == [0.5, 1, 1, 1, 1, 0.75, 0.5, 0.25]
     run_stage("pretrain", cfg, straight)
@@ -224,7 +223,7 @@ def test_cooldown_added_later_matches_a_run_that_asked_for_it(smoke_run: RunDir,
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], plain[k]) for k in a)
     log = [json.loads(x) for x in (later.root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in log][-1] < log[1]["lr"]  # the last logged step ran at a lower rate
+    assert log[-1]["lr"] < log[1]["lr"]  # the last logged step ran at a lower rate
     assert json.loads((later.root / "pretrain" / "DONE").read_text())["summary"]["extended_from"] == {
         "pretrain.train.steps": 4, "pretrain.train.cooldown_steps": 0}
 
@@ -244,16 +243,13 @@ def test_sample_command_tiles_do_not_depend_on_batch_size(smoke_run: RunDir, smo
 
 
 def test_time_limit_pauses_and_rerun_continues(smoke_run: RunDir, smoke_cfg, tmp_path: Path) -> None:
-    import shutil
 
     from histodiffusion.errors import StagePaused
 
     cfg = smoke_cfg.model_copy(deep=True)
     cfg.pretrain.train.steps = 400
     cfg.pretrain.train.time_limit_minutes = 0.02  # about a second of training per invocation
-    rd = RunDir(tmp_path / "run")
-    for stage in ("data", "autoencoder", "latents"):
-        shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    (rd,) = _pretrain_ready(smoke_run, tmp_path, "run")
     with pytest.raises(StagePaused, match="Rerun the same command to continue"):
         run_stage("pretrain", cfg, rd)
     assert (rd.root / "pretrain" / "unet" / "config.json").is_file()  # the EMA so far is usable
@@ -508,20 +504,16 @@ def test_paused_run_can_end_and_cool_down_before_its_first_step_count(smoke_run:
     """A run asked for many steps that paused on its time limit may be asked for fewer, as long as
     not fewer than it has trained; cooled down in the steps added, it ends at the weights of a run
     that asked for that schedule from the start."""
-    import shutil
 
     from histodiffusion.errors import StagePaused, UserError
 
     cfg = smoke_cfg.model_copy(deep=True)
     cfg.pretrain.train.steps, cfg.pretrain.train.warmup_steps = 100000, 2
     cfg.pretrain.train.time_limit_minutes = 0.02
-    paused, straight = RunDir(tmp_path / "paused"), RunDir(tmp_path / "straight")
-    for rd in (paused, straight):
-        for stage in ("data", "autoencoder", "latents"):
-            shutil.copytree(smoke_run.root / stage, rd.root / stage)
+    paused, straight = _pretrain_ready(smoke_run, tmp_path, "paused", "straight")
     with pytest.raises(StagePaused):
         run_stage("pretrain", cfg, paused)
-    first = max(int(p.name.split("-")[1]) for p in (paused.root / "pretrain" / "checkpoints").iterdir())
+    first = Checkpointer(paused.root / "pretrain", keep=1).latest()[0]
     assert json.loads((paused.root / "pretrain" / "STATE.json").read_text())["reached"] == {
         "pretrain.train.steps": first}
     cfg.pretrain.train.time_limit_minutes = None

@@ -521,16 +521,11 @@ class ExperimentConfig(_Section):
     def section_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
         """Stable hash of the named sections (dotted paths), leaving out settings that do not change
         results (where the data lives, worker counts, device) and the dotted paths in ``exclude``."""
-        full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS, _ADDED_LATER_KEYS)
+        full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS, _ADDED_LATER)
         for dotted in (*_NON_SEMANTIC, *exclude):
             parent, _, leaf = dotted.rpartition(".")
             node = get_path(full, parent) if parent else full
             node.pop(leaf, None)
-        for dotted, off in _ADDED_LATER.items():
-            parent, _, leaf = dotted.rpartition(".")
-            node = get_path(full, parent)
-            if node.get(leaf, off) == off:
-                node.pop(leaf, None)
         part = {s: get_path(full, s) for s in sections} if sections else full
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -541,11 +536,10 @@ _NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir")
 _NON_SEMANTIC_KEYS = frozenset({"time_limit_minutes", "log_every", "checkpoint_every", "keep_checkpoints",
                                 "sample_every"})
 
-# Settings added after runs already existed, with the value that means "off": at that value they
-# stay out of the hash, so run directories made before they existed keep matching their config.
-_ADDED_LATER = {"autoencoder.scale_equivariance_weight": 0.0}
-# The same for a setting of every training section, by key name.
-_ADDED_LATER_KEYS = {"cooldown_steps": 0}
+# Settings added after runs already existed (by key name, wherever they occur), with the value that
+# means "off": at that value they stay out of the hash, so run directories made before they existed
+# keep matching their config.
+_ADDED_LATER = {"scale_equivariance_weight": 0.0, "cooldown_steps": 0}
 
 
 def _drop_keys(tree: Any, keys: frozenset[str], off: dict[str, Any] | None = None) -> Any:
