@@ -15,30 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
-from histodiffusion.diffusion.generate import generate
+from histodiffusion.data.prepared import classes_of, split_tiles
+from histodiffusion.devices import machine
 from histodiffusion.diffusion.guidance import guided_eps
-from histodiffusion.diffusion.sampling import unet_eps_fn
-from histodiffusion.io import write_json, write_text
-from histodiffusion.models.autoencoder import reconstruct_tiles
-from histodiffusion.models.image_classifier import (
-    build_image_classifier,
-    predict_logits,
-    train_image_classifier,
-)
-from histodiffusion.stages.autoencoder import load_vae
-from histodiffusion.stages.data import classes_of, split_tiles
-from histodiffusion.stages.finetune import ADAPT, load_classifier
-from histodiffusion.stages.pretrain import load_unet
+from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
+from histodiffusion.io import read_json, write_json, write_text
+from histodiffusion.models.autoencoder import load_vae, reconstruct_tiles
+from histodiffusion.models.latent_classifier import load_latent_classifier
+from histodiffusion.models.tile_classifier import build_tile_classifier, predict_logits
+from histodiffusion.models.unet import ADAPT, load_unet
+from histodiffusion.training.tile_classifier import train_tile_classifier
 from histodiffusion.viz import compact_png, labeled_rows, save_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,28 +43,27 @@ REPO = Path(__file__).resolve().parents[1]
 def oracle(cfg, data: Path, work: Path, steps: int):
     """The oracle classifier (full train split), trained once and cached under ``work``."""
     classes = classes_of(data)
-    path = work / "oracle.pt"
-    model = build_image_classifier(cfg.evaluate.classifier.backbone, len(classes))
-    if path.is_file():
-        state = torch.load(path, weights_only=False)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["valid"]
+    weights, valid = work / "oracle.safetensors", work / "oracle.json"
+    model = build_tile_classifier(cfg.evaluate.classifier.backbone, len(classes))
+    if weights.is_file() and valid.is_file():
+        model.load_state_dict(load_file(str(weights)))
+        return model.eval(), read_json(valid)
     tiles, labels = split_tiles(data, "train")
     valid_tiles, valid_labels = split_tiles(data, "valid", 2048, cfg.seed)
-    oc = cfg.evaluate.classifier.model_copy(update={"steps": steps, "eval_every": max(steps // 10, 1),
-                                                     "eval_max": 2048})
-    clf = train_image_classifier(oc, tiles, labels, valid_tiles, valid_labels, len(classes), cfg.seed,
-                                 description="oracle")
+    oc = cfg.evaluate.classifier.model_copy(update={"steps": steps, "eval_every": max(steps // 10, 1)})
+    clf = train_tile_classifier(tiles, labels, valid_tiles, valid_labels, len(classes), cfg.seed,
+                                **oc.model_dump(exclude={"eval_max"}), description="oracle")
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": clf.model.state_dict(), "valid": clf.best_valid}, path)
+    save_file({k: v.contiguous() for k, v in clf.model.state_dict().items()}, str(weights))
+    write_json(valid, clf.best_valid)
     return clf.model, clf.best_valid
 
 
 def ceiling(model, vae, data: Path, classes: list[str], n: int, seed: int) -> dict:
     """The oracle on real valid tiles and on their autoencoder reconstructions (mean per-class recall).
 
-    Every tile a latent generator makes passes through the autoencoder's decoder, so the oracle's
-    agreement on reconstructions of real tiles is what a generator that reproduced the real tiles
+    Every tile a latent diffusion model makes passes through the autoencoder's decoder, so the oracle's
+    agreement on reconstructions of real tiles is what a model that reproduced the real tiles
     exactly would score. Guidance can exceed it: it pushes tiles towards whatever makes a
     classifier sure, which need not look like an average real tile.
     """
@@ -103,7 +98,7 @@ def markdown(r: dict, classes: list[str]) -> str:
                   "| tiles | oracle agrees with label | " + " | ".join(classes) + " |",
                   "|---|---|" + "---|" * len(classes)]
         for name, text in (("real", "real valid tiles"),
-                           ("reconstructed", "the same tiles through the autoencoder (a generator that reproduced "
+                           ("reconstructed", "the same tiles through the autoencoder (a model that reproduced "
                             "real tiles exactly)")):
             lines.append(f"| {text} | {c[name]['agreement']:.3f} | "
                          + " | ".join(f"{c[name]['per_class'][k]:.2f}" for k in classes) + " |")
@@ -117,16 +112,16 @@ def synth(cfg, unet, sched, vae, latent_clf, classes, per_class: int, scale: flo
     targets = np.repeat(np.arange(len(classes)), per_class)
     y_all = torch.as_tensor(targets)
     pred = sched.config.prediction_type
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
     def make_eps(batch: np.ndarray):
         y = y_all[torch.as_tensor(batch)]
         base = unet_eps_fn(unet, pred, sched.alphas_cumprod)
         return guided_eps(base, latent_clf, y, scale, sched.alphas_cumprod)
 
-    s = cfg.sampling.model_copy(update={"precision": precision})
+    s = {**cfg.sampling.model_dump(), "precision": precision}
     t0 = time.perf_counter()
-    tiles = np.concatenate([t for _, t, _ in generate(make_eps, vae, sched, shape, range(len(targets)), cfg.seed, s)])
+    tiles = np.concatenate([t for _, t, _ in sample_batches(make_eps, vae, sched, latent_shape(unet),
+                                                            range(len(targets)), cfg.seed, **s)])
     return tiles, targets, time.perf_counter() - t0
 
 
@@ -168,7 +163,7 @@ def main() -> None:
         write_json(path, result)
         write_text(out / f"class_fidelity_{args.budget}.md", markdown(result, classes))
         return
-    latent_clf = load_classifier(run / "finetune" / args.budget)
+    latent_clf = load_latent_classifier(run / "finetune" / args.budget)
     chosen = cfg.synthesize.guidance_scale
     scales = sorted({float(x) for x in args.scales.split(",")} | {chosen})
     unets = {"domain fine-tuned": run / "finetune" / args.budget / ADAPT, "pre-trained only": run / "pretrain"}
@@ -200,7 +195,7 @@ def main() -> None:
               "chosen_scale": chosen, "sampler": cfg.sampling.sampler, "num_steps": cfg.sampling.num_steps,
               "rows": rows, "guided_tiles_per_s": {"fp32": fp32_rate, "bf16": bf16_rate}, "ceiling": limits,
               "command": "python bench/class_fidelity.py " + " ".join(sys.argv[1:]),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
+              "machine": machine()}
     write_json(out / f"class_fidelity_{args.budget}.json", result)
     write_text(out / f"class_fidelity_{args.budget}.md", markdown(result, classes))
 

@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 
 from histodiffusion.cli import guarded
+from histodiffusion.document import fmt_ci
 from histodiffusion.errors import UserError
 from histodiffusion.io import write_json
-from histodiffusion.report import fmt_ci
-from histodiffusion.stages.evaluate import summarize
+from histodiffusion.metrics.arms import summarize
 
 
 def per_seed_runs(run_dirs: list[Path], budget: str) -> list[dict]:

@@ -20,13 +20,11 @@ import re
 import sys
 from pathlib import Path
 
-from histodiffusion import io
+from histodiffusion import io, run_pipeline
 from histodiffusion.cli import guarded
 from histodiffusion.config import budget_name, load_config
+from histodiffusion.devices import machine
 from histodiffusion.rundir import RunDir, default_run_dir
-from histodiffusion.stages import run_pipeline
-from histodiffusion.stages.evaluate import machine
-from histodiffusion.stages.report import wall_seconds
 from histodiffusion.viz import compact_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +103,7 @@ def main() -> None:
     if args.skip_run:  # refiling a finished run: keep the command that ran it, when it is on file
         previous = out / budget_name(cfg.data.target.budgets[0]) / "summary.json"
         command = io.read_json(previous).get("command", command) if previous.is_file() else command
-    seconds = wall_seconds(cfg, rd.root)
+    seconds = {key: s.get("wall_seconds") for key, s in rd.summaries().items() if key != "report"}
     gens = {}
     for b in cfg.data.target.budgets:
         name = budget_name(b)

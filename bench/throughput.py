@@ -1,7 +1,8 @@
 """Throughput of pre-training and sampling on this machine, with the cpu preset's models.
 
-1. LDM pre-training: latents/s reading the latent cache vs encoding tiles with the autoencoder at
-   every step (the same UNet, optimiser and batch; only where the latents come from differs).
+1. LDM pre-training: latents/s of the shipped training step (``diffusion_step_loss`` with its
+   min-SNR weighting and dihedral augmentation, ``accumulate_step``), reading the latent cache vs
+   encoding tiles with the autoencoder at every step (only where the latents come from differs).
 2. Unconditional sampling: tiles/s with DDIM at 20 and 50 steps, fp32 vs bf16 autocast, decode
    included.
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,17 +23,16 @@ import torch
 
 from histodiffusion.cli import guarded
 from histodiffusion.config import load_config
-from histodiffusion.data.augment import random_dihedral
-from histodiffusion.data.cache import TileCache
-from histodiffusion.data.latents import LatentSet
-from histodiffusion.diffusion.generate import generate
-from histodiffusion.diffusion.losses import diffusion_loss
-from histodiffusion.diffusion.sampling import unet_eps_fn
-from histodiffusion.diffusion.schedules import training_scheduler
+from histodiffusion.data.images import tiles_to_tensor
+from histodiffusion.data.latents import LatentSet, normalize_latents
+from histodiffusion.data.prepared import pool_tiles
+from histodiffusion.devices import machine
+from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
 from histodiffusion.io import write_json, write_text
-from histodiffusion.models.autoencoder import normalize_latents, tiles_to_tensor
-from histodiffusion.stages.autoencoder import load_vae
-from histodiffusion.stages.pretrain import load_unet
+from histodiffusion.models.autoencoder import load_vae
+from histodiffusion.models.unet import load_unet
+from histodiffusion.training.diffusion import diffusion_step_loss
+from histodiffusion.training.harness import accumulate_step
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
@@ -48,41 +47,48 @@ def _timed(fn, steps: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+class EncodedPool:
+    """The pool's tiles encoded at every step: the same ``sample(rows, generator)`` as a LatentSet
+    (normalised posterior samples), without the latent cache."""
+
+    def __init__(self, cache, vae):
+        self.cache, self.vae = cache, vae
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    @torch.no_grad()
+    def sample(self, rows, generator: torch.Generator) -> torch.Tensor:
+        dist = self.vae.encode(tiles_to_tensor(self.cache.take(np.sort(np.asarray(rows))))).latent_dist
+        return normalize_latents(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator),
+                                 self.vae.config)
+
+
 def training_throughput(cfg, run: Path, steps: int, batch: int) -> dict:
-    """Seconds per optimisation step and latents/s: latent cache vs encoding at every step."""
-    unet, _ = load_unet(run / "pretrain")
+    """Seconds per optimisation step and latents/s of the shipped pre-training step
+    (:func:`diffusion_step_loss`: dihedral, min-SNR-weighted loss, bf16 autocast as configured, AdamW,
+    gradient clipping), latents from the cache vs encoded at every step."""
+    unet, sched = load_unet(run / "pretrain")
     unet.train()
-    vae = load_vae(run / "autoencoder")
-    latents = LatentSet(run / "latents" / "pool")
-    cache = TileCache(run / "data" / "cache" / "pool")
-    sched = training_scheduler(cfg.diffusion)
+    sources = {"latent cache": LatentSet(run / "latents" / "pool"),
+               "encode every step": EncodedPool(pool_tiles(run / "data"), load_vae(run / "autoencoder"))}
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    bf16 = cfg.pretrain.train.mixed_precision == "bf16"
+    gamma = cfg.diffusion.min_snr_gamma
 
-    def step(z: torch.Tensor, g: torch.Generator) -> None:
-        z = random_dihedral(z, g)
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=g)
-        loss = diffusion_loss(unet, sched, z, noise, t)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def step(latents, i: int) -> None:
+        p = np.full(len(latents), 1.0 / len(latents))
 
-    def from_cache(i: int) -> None:
-        g = torch.Generator().manual_seed(i)
-        rows = torch.randint(0, len(latents), (batch,), generator=g)
-        step(latents.sample(rows, g), g)
+        def micro_loss(_m: int):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = diffusion_step_loss(unet, sched, latents, p, batch, cfg.seed, i, min_snr_gamma=gamma)
+            return loss, {"loss": loss.item()}
 
-    def from_images(i: int) -> None:
-        g = torch.Generator().manual_seed(i)
-        rows = np.sort(torch.randint(0, len(cache), (batch,), generator=g).numpy())
-        with torch.no_grad():
-            dist = vae.encode(tiles_to_tensor(cache.take(rows))).latent_dist
-            z = normalize_latents(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g), vae.config)
-        step(z, g)
+        accumulate_step(None, unet, opt, None, micro_loss, grad_clip=cfg.pretrain.train.grad_clip)
 
     out = {}
-    for name, fn in (("latent cache", from_cache), ("encode every step", from_images)):
-        s = _timed(fn, steps)
+    for name, latents in sources.items():
+        s = _timed(lambda i, latents=latents: step(latents, i), steps)
         out[name] = {"seconds_per_step": round(s, 3), "latents_per_s": round(batch / s, 1)}
     return out
 
@@ -91,16 +97,15 @@ def sampling_throughput(cfg, run: Path, n: int) -> dict:
     """Tiles/s of unconditional DDIM sampling (decode included) at 20/50 steps, fp32 and bf16."""
     unet, sched = load_unet(run / "pretrain")
     vae = load_vae(run / "autoencoder")
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     eps = unet_eps_fn(unet, sched.config.prediction_type, sched.alphas_cumprod)
     out = {}
     for steps in (20, 50):
         for precision in ("fp32", "bf16"):
-            s = cfg.sampling.model_copy(update={"sampler": "ddim", "num_steps": steps, "precision": precision,
-                                                "batch_size": n})
+            s = {**cfg.sampling.model_dump(), "sampler": "ddim", "num_steps": steps, "precision": precision,
+                 "batch_size": n}
             t0 = time.perf_counter()
             with torch.no_grad():
-                for _ in generate(lambda _b: eps, vae, sched, shape, range(n), 0, s):
+                for _ in sample_batches(lambda _b: eps, vae, sched, latent_shape(unet), range(n), 0, **s):
                     pass
             seconds = time.perf_counter() - t0
             out[f"ddim{steps}-{precision}"] = {"tiles": n, "seconds": round(seconds, 2),
@@ -119,7 +124,7 @@ def main() -> None:
     cfg = load_config(args.config)
     torch.manual_seed(0)
     result = {"command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "machine": machine(),
               "training": training_throughput(cfg, args.run_dir, args.steps, args.batch),
               "sampling": sampling_throughput(cfg, args.run_dir, args.tiles)}
     write_json(OUT / "throughput.json", result)

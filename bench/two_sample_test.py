@@ -12,44 +12,40 @@ always told apart), its binomial standard error and the ROC AUC.
 Sets (each option repeatable):
   --run NAME=RUN_DIR       N samples of the run's pre-trained LDM (the run's sampling settings, or
                            those given by --set NAME:sampling.KEY=VALUE, e.g. sampling.sampler=ddpm)
-  --samples NAME=FILE.npy  the first N tiles of an (n, H, W, 3) uint8 array, e.g. the samples that
-                           bench/gpu_check.py measure brings back from a GPU; --samples-run RUN_DIR
-                           names the run whose autoencoder decoded them (the reference side)
-  --gaussian NAME=RUN_DIR  N draws of the Gaussian fitted to the run's pool latents, decoded
+  --samples NAME=FILE.npy  the first N tiles of an (n, H, W, 3) uint8 array (samples brought back
+                           from elsewhere, e.g. a GPU); --samples-run RUN_DIR names the run whose
+                           autoencoder decoded them (the reference side)
   --control RUN_DIR        two sets on the run's autoencoder: N other reconstructed real tiles
                            (the test's false alarm, expected near 50 %) and N raw real tiles
                            (what the autoencoder itself gives away)
 
-    python bench/two_sample_test.py --run I3=/work/runs/trials/I3-64f4-v-bf16-pc-fixnorm \\
-        --gaussian gauss=/work/runs/trials/ae-64px-f4-pc-fixnorm \\
-        --control /work/runs/trials/ae-64px-f4-pc-fixnorm --out bench/results/pretrain_trials/two_sample
+    python bench/two_sample_test.py --run pcam=runs/pcam-practical --control runs/pcam-practical \\
+        --out bench/results/pcam-practical/two_sample
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-from latent_diagnostics import named_runs  # bench/ is on sys.path when run as a script
-from pretrain_trials import gaussian_tiles
 
 from histodiffusion.cli import guarded
 from histodiffusion.config import ImageClassifierCfg, load_config
 from histodiffusion.data.cache import TileCache
 from histodiffusion.data.images import read_rgb
+from histodiffusion.data.prepared import pool_tiles
+from histodiffusion.devices import inference_device, machine
+from histodiffusion.diffusion.sampling import write_samples
 from histodiffusion.errors import UserError
-from histodiffusion.io import write_json, write_text
+from histodiffusion.io import weights_hash, write_json, write_text
 from histodiffusion.metrics.classification import binary_auroc
-from histodiffusion.models.autoencoder import reconstruct_tiles
-from histodiffusion.models.image_classifier import predict_logits, train_image_classifier
-from histodiffusion.rundir import RunDir
-from histodiffusion.stages.autoencoder import load_vae
-from histodiffusion.stages.synthesize import file_hash
+from histodiffusion.models.autoencoder import load_vae, reconstruct_tiles
+from histodiffusion.models.tile_classifier import predict_logits
+from histodiffusion.models.unet import load_unet
+from histodiffusion.training.tile_classifier import train_tile_classifier
 from histodiffusion.viz import grid, save_image
 
 
@@ -73,8 +69,9 @@ def separability(reference: np.ndarray, other: np.ndarray, cfg: ImageClassifierC
         return tiles, np.repeat([0, 1], [len(parts[0][i]), len(parts[1][i])])
 
     (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = take(0), take(1), take(2)
-    trained = train_image_classifier(cfg, train_x, train_y, valid_x, valid_y, 2, seed, description="two-sample",
-                                     progress=progress)
+    trained = train_tile_classifier(train_x, train_y, valid_x, valid_y, 2, seed,
+                                    **cfg.model_dump(exclude={"eval_max"}), description="two-sample",
+                                    progress=progress)
     logits = predict_logits(trained.model, test_x, precision=cfg.precision)
     accuracy = float(np.mean(logits.argmax(1) == test_y))
     return {"test_accuracy": round(accuracy, 4),
@@ -87,7 +84,7 @@ def real_rows(run: Path, n: int, seed: int) -> tuple[TileCache, np.ndarray, np.n
     """The run's pool cache and two disjoint sets of n seeded rows: the reference set's and the
     controls'. Both are random draws from the whole pool (its rows come grouped by source, so
     halves of a sorted draw would differ in source), each sorted for reading."""
-    cache = TileCache(run / "data" / "cache" / "pool")
+    cache = pool_tiles(run / "data")
     if len(cache) < 2 * n:
         raise UserError(f"{run}: the pool has {len(cache)} tiles, fewer than 2 x --n = {2 * n}; lower --n")
     rows = np.random.default_rng(seed).choice(len(cache), size=2 * n, replace=False)
@@ -98,7 +95,8 @@ def reference_set(run: Path, n: int, seed: int, control: bool = False) -> np.nda
     """N real pool tiles reconstructed by the run's autoencoder: the reference rows of
     :func:`real_rows`, or with ``control`` its other rows (the false-alarm control)."""
     cache, reference, other = real_rows(run, n, seed)
-    return reconstruct_tiles(load_vae(run / "autoencoder"), cache.take(other if control else reference))
+    vae = load_vae(run / "autoencoder", inference_device(load_config(run / "config.yaml").device))
+    return reconstruct_tiles(vae, cache.take(other if control else reference))
 
 
 def ldm_set(run: Path, n: int, overrides: list[str] = ()) -> np.ndarray:
@@ -106,12 +104,14 @@ def ldm_set(run: Path, n: int, overrides: list[str] = ()) -> np.ndarray:
     with the run's sampling settings after ``overrides`` (``sampling.KEY=VALUE``). The PNGs stay in
     the run's ``samples/two-sample-<weights hash>-<sampler><steps>-eta<eta>-<precision>``: a rerun
     with the same weights and sampler reuses them; more training or another sampler draws anew."""
-    from histodiffusion.stages.sample import sample_tiles
-
     cfg = load_config(run / "config.yaml", overrides)
     s = cfg.sampling
-    tag = f"{file_hash(run / 'pretrain' / 'unet')}-{s.sampler}{s.num_steps}-eta{s.eta:g}-{s.precision}"
-    out = sample_tiles(cfg, RunDir(run), n, "pretrain", run / "samples" / f"two-sample-{tag}")
+    tag = f"{weights_hash(run / 'pretrain' / 'unet')}-{s.sampler}{s.num_steps}-eta{s.eta:g}-{s.precision}"
+    out = run / "samples" / f"two-sample-{tag}"
+    device = inference_device(cfg.device)
+    unet, noise_scheduler = load_unet(run / "pretrain", device)
+    write_samples(unet, load_vae(run / "autoencoder", device), noise_scheduler, out, n, cfg.seed, s.model_dump(),
+                  device, extra={"model": "pretrain"})
     return np.stack([read_rgb(out / f"{k:06d}.png") for k in range(n)])
 
 
@@ -128,6 +128,18 @@ def npy_tiles(path: Path, n: int) -> np.ndarray:
     if len(tiles) < n:
         raise UserError(f"--samples {path}: {len(tiles)} tiles, fewer than --n {n}; lower --n or bring more")
     return np.ascontiguousarray(tiles[:n])
+
+
+def named_runs(ap: argparse.ArgumentParser, items: list[str], option: str = "--run",
+               value: str = "RUN_DIR") -> list[tuple[str, Path]]:
+    """``NAME=RUN_DIR`` options as (name, path) pairs; a malformed one stops with a usage error."""
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            ap.error(f"{option} {item!r}: expected NAME={value}")
+        pairs.append((name, Path(path)))
+    return pairs
 
 
 def set_overrides(ap: argparse.ArgumentParser, items: list[str], names: list[str]) -> dict[str, list[str]]:
@@ -155,9 +167,6 @@ def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path
     for name, path in named_runs(ap, args.samples, "--samples", "FILE.npy"):
         sets.append((name, f"samples from {path.name}", args.samples_run,
                      lambda path=path: npy_tiles(path, args.n)))
-    for name, run in named_runs(ap, args.gaussian, "--gaussian"):
-        sets.append((name, "Gaussian fit to the pool latents", run,
-                     lambda run=run: gaussian_tiles(run, args.n, args.seed)[0]))
     for run in args.control:
         def other(run=run):
             return reference_set(run, args.n, args.seed, control=True)
@@ -169,7 +178,7 @@ def collect_sets(args, ap: argparse.ArgumentParser) -> list[tuple[str, str, Path
         sets.append((f"control-reconstructed-{run.name}", "other real tiles, reconstructed (false alarm)", run, other))
         sets.append((f"control-raw-{run.name}", "other real tiles, not reconstructed", run, raw))
     if not sets:
-        ap.error("name at least one set: --run, --samples, --gaussian or --control")
+        ap.error("name at least one set: --run, --samples or --control")
     return sets
 
 
@@ -178,8 +187,7 @@ def markdown(results: dict, cfg: ImageClassifierCfg, command: str) -> str:
              f"A {cfg.backbone} trained from scratch ({cfg.steps} steps of {cfg.batch_size}, {cfg.precision}) tells "
              "each set's tiles from real pool tiles reconstructed by the same autoencoder. Test accuracy on the held-out quarter of both: 50 % = indistinguishable, "
              "100 % = always told apart. Lower is better for a generative model.", "",
-             f"Command: `{command}`", f"Machine: {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "",
+             f"Command: `{command}`", f"Machine: {machine()}", "",
              "| set | what | run | test accuracy | ± (se) | AUC | best step | train / valid / test |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -192,7 +200,6 @@ def markdown(results: dict, cfg: ImageClassifierCfg, command: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR")
-    ap.add_argument("--gaussian", action="append", default=[], metavar="NAME=RUN_DIR")
     ap.add_argument("--control", action="append", default=[], type=Path, metavar="RUN_DIR")
     ap.add_argument("--samples", action="append", default=[], metavar="NAME=FILE.npy")
     ap.add_argument("--samples-run", type=Path, metavar="RUN_DIR",

@@ -5,21 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from histodiffusion.config import budget_name, config_from_dict, load_config
 from histodiffusion.errors import ConfigError
 from histodiffusion.presets import PRESETS
-
-from .conftest import CONFIGS
-
-BASE = {"experiment": "t", "data": {"target": "pcam", "pool": ["ebhi"]}}
-
-
-def _raw(**data) -> dict:
-    raw = yaml.safe_load(yaml.safe_dump(BASE))
-    raw["data"].update(data)
-    return raw
+from tests.helpers import CONFIGS, raw_config
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -34,7 +24,7 @@ def test_smoke_uses_tiny_preset() -> None:
 
 
 def test_unknown_key_names_path_and_suggests() -> None:
-    raw = _raw(resolutoin=64)
+    raw = raw_config(dict(resolutoin=64))
     with pytest.raises(ConfigError) as err:
         config_from_dict(raw, source="x.yaml")
     text = str(err.value)
@@ -43,22 +33,22 @@ def test_unknown_key_names_path_and_suggests() -> None:
 
 
 def test_unknown_nested_key_in_list_item() -> None:
-    raw = _raw(pool=[{"dataset": "ebhi", "wieght": 2}])
+    raw = raw_config(dict(pool=[{"dataset": "ebhi", "wieght": 2}]))
     with pytest.raises(ConfigError, match=r"data\.pool\.0\.wieght: unknown key; did you mean 'weight'"):
         config_from_dict(raw)
 
 
 def test_wrong_type_and_range_are_named() -> None:
     with pytest.raises(ConfigError, match=r"data\.resolution: .*integer.*'big'"):
-        config_from_dict(_raw(resolution="big"))
+        config_from_dict(raw_config(dict(resolution="big")))
     with pytest.raises(ConfigError, match=r"data\.max_bad_fraction: .*less than or equal to 1"):
-        config_from_dict(_raw(max_bad_fraction=3))
+        config_from_dict(raw_config(dict(max_bad_fraction=3)))
     with pytest.raises(ConfigError, match=r"split_fractions: three positive fractions"):
-        config_from_dict(_raw(target={"dataset": "ebhi", "split_fractions": [0.5, 0.5, 0.5]}))
+        config_from_dict(raw_config(dict(target={"dataset": "ebhi", "split_fractions": [0.5, 0.5, 0.5]})))
 
 
 def test_missing_required_key() -> None:
-    raw = _raw()
+    raw = raw_config()
     del raw["data"]["pool"]
     with pytest.raises(ConfigError, match=r"data\.pool: required key is missing"):
         config_from_dict(raw)
@@ -66,25 +56,25 @@ def test_missing_required_key() -> None:
 
 def test_source_needs_exactly_one_of_dataset_or_path() -> None:
     with pytest.raises(ConfigError, match="exactly one of 'dataset'"):
-        config_from_dict(_raw(pool=[{"dataset": "ebhi", "path": "/x"}]))
+        config_from_dict(raw_config(dict(pool=[{"dataset": "ebhi", "path": "/x"}])))
 
 
 def test_unknown_preset() -> None:
-    raw = _raw()
+    raw = raw_config()
     raw["preset"] = "huge"
     with pytest.raises(ConfigError, match="preset: unknown preset 'huge'"):
         config_from_dict(raw)
 
 
 def test_preset_is_laid_under_the_file() -> None:
-    cfg = config_from_dict({**_raw(), "preset": "tiny"})
+    cfg = config_from_dict({**raw_config(), "preset": "tiny"})
     assert cfg.data.resolution == PRESETS["tiny"]["data"]["resolution"]
-    cfg = config_from_dict({**_raw(resolution=48), "preset": "tiny"})
+    cfg = config_from_dict({**raw_config(dict(resolution=48)), "preset": "tiny"})
     assert cfg.data.resolution == 48
 
 
 def test_set_overrides_nested_and_list_items() -> None:
-    cfg = config_from_dict(_raw(pool=["ebhi", "lc25000"]),
+    cfg = config_from_dict(raw_config(dict(pool=["ebhi", "lc25000"])),
                            ["data.resolution=96", "data.pool.1.weight=2.5", "seed=7"])
     assert cfg.data.resolution == 96 and cfg.seed == 7
     assert cfg.data.pool[1].weight == 2.5
@@ -93,7 +83,7 @@ def test_set_overrides_nested_and_list_items() -> None:
 @pytest.mark.parametrize("bad", ["data.resolution", "data.pool.9.weight=1", "data..x=1"])
 def test_bad_set_is_refused(bad: str) -> None:
     with pytest.raises(ConfigError, match="--set"):
-        config_from_dict(_raw(), [bad])
+        config_from_dict(raw_config(), [bad])
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
@@ -106,9 +96,9 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_hash_ignores_where_data_lives_but_not_what_it_is() -> None:
-    a = config_from_dict(_raw(root="/a"))
-    b = config_from_dict(_raw(root="/b"))
-    c = config_from_dict(_raw(root="/a", resolution=32))
+    a = config_from_dict(raw_config(dict(root="/a")))
+    b = config_from_dict(raw_config(dict(root="/b")))
+    c = config_from_dict(raw_config(dict(root="/a", resolution=32)))
     assert a.section_hash("data") == b.section_hash("data")
     assert a.section_hash("data") != c.section_hash("data")
 
@@ -120,30 +110,12 @@ def test_budget_names(budget, name) -> None:
 
 
 def test_hash_ignores_settings_that_do_not_change_results() -> None:
-    a = config_from_dict(_raw())
-    b = config_from_dict(_raw(), ["pretrain.train.time_limit_minutes=30", "pretrain.train.checkpoint_every=7",
+    a = config_from_dict(raw_config())
+    b = config_from_dict(raw_config(), ["pretrain.train.time_limit_minutes=30", "pretrain.train.checkpoint_every=7",
                                   "autoencoder.train.log_every=3"])
-    c = config_from_dict(_raw(), ["pretrain.train.lr=0.123"])
+    c = config_from_dict(raw_config(), ["pretrain.train.lr=0.123"])
     assert a.section_hash("pretrain") == b.section_hash("pretrain")
     assert a.section_hash("pretrain") != c.section_hash("pretrain")
-
-
-def test_a_setting_added_later_leaves_old_hashes_alone_while_off() -> None:
-    """A run directory made before scale_equivariance_weight and train.cooldown_steps existed still
-    matches while they are off."""
-    import hashlib
-    import json
-
-    from histodiffusion.config import _NON_SEMANTIC_KEYS, _drop_keys
-
-    a = config_from_dict(_raw())
-    before = _drop_keys(a.to_dict(), _NON_SEMANTIC_KEYS)["autoencoder"]
-    before.pop("scale_equivariance_weight")  # the section as it was before the keys were added
-    before["train"].pop("cooldown_steps")
-    old_hash = hashlib.sha256(json.dumps({"autoencoder": before}, sort_keys=True).encode()).hexdigest()[:16]
-    assert a.section_hash("autoencoder") == old_hash
-    for setting in ("autoencoder.scale_equivariance_weight=0.5", "autoencoder.train.cooldown_steps=10"):
-        assert config_from_dict(_raw(), [setting]).section_hash("autoencoder") != old_hash, setting
 
 
 def test_every_config_key_is_documented() -> None:

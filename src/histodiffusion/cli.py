@@ -51,18 +51,18 @@ def _dry_run(cfg: ExperimentConfig) -> None:
     raise typer.Exit(0)
 
 
-def _stages(names: tuple[str, ...], config: Path, overrides: list[str] | None, run_dir: Path | None,
+def _stages(command_name: str, config: Path, overrides: list[str] | None, run_dir: Path | None,
             data_root: Path | None, dry_run: bool, force: bool, resume: bool = False) -> None:
-    """Run ``names`` in order; ``--force`` and ``--resume`` apply to the last (the command's own stage)."""
-    from histodiffusion.rundir import RunDir, default_run_dir
-    from histodiffusion.stages import run_stage
-    from histodiffusion.stages.base import require_started
-
+    """Run the command's stages in order; ``--force`` and ``--resume`` apply to the last (its own stage)."""
     if force and resume:
         raise UserError("--force redoes the stage and --resume continues it: give one of them")
     cfg = _load(config, overrides, run_dir, data_root)
     if dry_run:
         _dry_run(cfg)
+    from histodiffusion.rundir import RunDir, default_run_dir
+    from histodiffusion.stages import command_stages, require_started, run_stage
+
+    names = command_stages(command_name)
     rd = RunDir(default_run_dir(cfg))
     if resume:
         require_started(names[-1], cfg, rd)
@@ -70,42 +70,29 @@ def _stages(names: tuple[str, ...], config: Path, overrides: list[str] | None, r
         run_stage(name, cfg, rd, force=force and name == names[-1])
 
 
-# Stage commands: (typer app, command name, stages it runs, help). Each is the same thin call.
-STAGE_COMMANDS = (
-    (data_app, "prepare", ("data", "labels"), "Write the experiment's manifests (pool, labeled subsets, valid, test) and "
-     "tile caches; print the counts per split and class."),
-    (app, "train-autoencoder", ("autoencoder",), "Train the KL autoencoder on the pool; store the latent scale "
-     "in its config."),
-    (app, "pretrain", ("latents", "pretrain"), "Encode the pool once, then train the unconditional latent "
-     "diffusion UNet (resumes)."),
-    (app, "finetune", ("finetune",), "Train the noise-aware latent classifier and adapt the UNet to each labeled "
-     "subset."),
-    (app, "train-conditional", ("conditional",), "Baseline: a class-conditional UNet trained on the labeled "
-     "subset only, no pre-training."),
-    (app, "synthesize", ("synthesize",), "Classifier-guided tiles per class (ImageFolder of PNGs + manifest); "
-     "shards under accelerate."),
-    (app, "select", ("select",), "Keep synthetic tiles an auxiliary classifier confidently matches to their "
-     "target class."),
-    (app, "evaluate", ("evaluate",), "Train the downstream classifier per arm and seed; test metrics with 95% "
-     "CIs and paired gains."),
-    (app, "evaluate-generation", ("features", "generation"), "Frechet distance, KID, precision/recall and "
-     "near-copies of the synthetic tiles, with real-vs-real floors."),
-    (app, "report", ("report",), "Write report.md, a self-contained report.html and results.json for the run."),
-)
+def _register_stage_command(command_name: str, text: str) -> None:
+    """One CLI command per entry of the stage registry's COMMANDS ('data prepare' goes under ``data``)."""
+    group, _, name = command_name.rpartition(" ")
+    target = data_app if group == "data" else app
 
-
-def _register_stage_command(target: typer.Typer, name: str, stages: tuple[str, ...], text: str) -> None:
     def command(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
                 data_root: DataRootOpt = None, force: ForceOpt = False, resume: ResumeOpt = False) -> None:
-        _stages(stages, config, set_, run_dir, data_root, dry_run, force, resume)
+        _stages(command_name, config, set_, run_dir, data_root, dry_run, force, resume)
 
     command.__doc__ = text
     command.__name__ = name.replace("-", "_")
     target.command(name)(command)
 
 
-for _target, _name, _names, _text in STAGE_COMMANDS:
-    _register_stage_command(_target, _name, _names, _text)
+def _stage_commands() -> dict[str, str]:
+    # The registry module is light (no torch; the stage modules are imported on first use).
+    from histodiffusion.stages.registry import COMMANDS
+
+    return COMMANDS
+
+
+for _name, _text in _stage_commands().items():
+    _register_stage_command(_name, _text)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -145,25 +132,34 @@ def data_tile(
                   f"{len(s.unreadable)} unreadable)")
 
 
-# -------------------------------------------------------------------------- pre-training
+# -------------------------------------------------------------------------- sampling
 @app.command("sample")
 def sample(config: ConfigArg, num: Annotated[int, typer.Option("--num", help="Number of tiles.")] = 64,
-           model: Annotated[str, typer.Option(help="Stage folder holding unet/: pretrain or finetune/<budget>.")] = "pretrain",
-           out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/samples/<model>).")] = None,
+           model: Annotated[str, typer.Option(help="Stage folder holding unet/: pretrain or finetune/<budget>/adapt.")] = "pretrain",
+           out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/samples/<model>-<sampler><steps>).")] = None,
            run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
            data_root: DataRootOpt = None) -> None:
     """Unconditional tiles from a trained UNet (sampler and steps from the config's sampling section)."""
+    from histodiffusion.devices import inference_device
+    from histodiffusion.diffusion.sampling import write_samples
+    from histodiffusion.models.autoencoder import load_vae
+    from histodiffusion.models.unet import load_unet
     from histodiffusion.rundir import RunDir, default_run_dir
-    from histodiffusion.stages.sample import sample_tiles
 
     cfg = _load(config, set_, run_dir, data_root)
     if dry_run:
         _dry_run(cfg)
-    sample_tiles(cfg, RunDir(default_run_dir(cfg)), num, model, out)
+    if num < 1:
+        raise UserError(f"--num must be at least 1, got {num}")
+    rd, device, s = RunDir(default_run_dir(cfg)), inference_device(cfg.device), cfg.sampling
+    unet, noise_scheduler = load_unet(rd.stage_dir(model), device)
+    out = out or rd.root / "samples" / f"{model.replace('/', '-')}-{s.sampler}{s.num_steps}"
+    record = write_samples(unet, load_vae(rd.stage_dir("autoencoder"), device), noise_scheduler, out, num, cfg.seed,
+                           s.model_dump(), device, extra={"model": model})
+    console.print(f"{record['new']} new tiles in {record['seconds']:.1f}s -> {out} (grid: {out / 'grid.png'})")
 
 
-# ------------------------------------------------------------------------ class guidance
-# -------------------------------------------------------------------- selection, evaluation
+# ---------------------------------------------------------------------------- pipeline
 @app.command("run")
 def run(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
         data_root: DataRootOpt = None,

@@ -161,12 +161,6 @@ class TrainCfg(_Section):
     """After warm-up: constant, or cosine decay to 10% of the peak."""
     warmup_steps: Annotated[int, Field(ge=0)] = 100
     """Linear learning-rate warm-up from 0 over this many steps."""
-    cooldown_steps: Annotated[int, Field(ge=0)] = 0
-    """Over the last this many of ``steps`` the learning rate falls linearly to 0 (a
-    warmup-stable-decay schedule with ``lr_schedule: constant``). A finished or paused constant-LR
-    run can be cooled down later: rerun it with more ``steps`` and a ``cooldown_steps`` no larger
-    than the steps added; it continues from its checkpoint to the weights of a run that asked for
-    that schedule from the start."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     """AdamW weight decay."""
     grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
@@ -184,13 +178,6 @@ class TrainCfg(_Section):
     time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None
     """Stop after this many minutes of this invocation (checkpointed); rerunning continues. Lets a
     long run span several sessions, and compares settings at equal compute."""
-
-    @model_validator(mode="after")
-    def _cooldown_fits(self) -> TrainCfg:
-        if self.cooldown_steps > self.steps:
-            raise ValueError(f"cooldown_steps ({self.cooldown_steps}) is more than steps ({self.steps}): the "
-                             "cooldown is the last part of the run; lower it or raise steps")
-        return self
 
 
 class AutoencoderArch(_Section):
@@ -235,12 +222,6 @@ class AutoencoderCfg(_Section):
     """Patch-discriminator (hinge) weight in the generator loss (0: off)."""
     disc_start: Annotated[int, Field(ge=0)] = 2000
     """Step at which the discriminator switches on."""
-    scale_equivariance_weight: Annotated[float, Field(ge=0.0)] = 0.0
-    """Weight of the scale-equivariance term (Skorokhodov et al. 2025, "Improving the diffusability
-    of autoencoders"): latents average-pooled by 2 must decode to the image average-pooled by 2,
-    with the same L1 + SSIM loss. It keeps coarse content in the latents' low frequencies, which a
-    diffusion model generates first. At 0.5 it made the cpu preset's samples worse
-    (bench/results/pretrain_trials/trials.md) (0: off)."""
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     """Pool tiles held out for reconstruction PSNR/SSIM."""
     latent_normalization: Literal["per_channel", "global"] = "per_channel"
@@ -355,18 +336,18 @@ class FinetuneCfg(_Section):
 
 
 class ConditionalCfg(_Section):
-    """Stage ``conditional``: the baseline generator the paper argues against — the same UNet
+    """Stage ``conditional``: the baseline the paper argues against — the same UNet
     trained class-conditionally on the labeled subset only, with no pre-training."""
 
     enabled: bool = False
-    """Train the baseline (needed by the 'conditional' generator and the fourth arm)."""
+    """Train the baseline (needed by the 'conditional' source and the fourth arm)."""
     train: TrainCfg = TrainCfg(steps=4000, batch_size=32, lr=2e-4, ema_decay=0.999, warmup_steps=100)
 
 
 class SynthesizeCfg(_Section):
     """Stage ``synthesize``: class-guided tiles per class."""
 
-    generators: Annotated[list[Literal["guided", "unguided", "conditional"]], Field(min_length=1)] = ["guided"]
+    sources: Annotated[list[Literal["guided", "unguided", "conditional"]], Field(min_length=1)] = ["guided"]
     """guided: (domain-adapted) UNet + classifier guidance; unguided: the same UNet with scale 0;
     conditional: the class-conditional baseline (needs conditional.enabled)."""
     per_class: Annotated[int, Field(ge=1)] | None = None
@@ -419,8 +400,6 @@ class SelectCfg(_Section):
     """Calibrate the confidence by a temperature fitted on the valid split first."""
     centroid_rule: bool = False
     """Also require the nearest class centroid (of the labeled tiles' features) to be the target."""
-    per_class_cap: Annotated[int, Field(ge=1)] | None = None
-    """At most this many kept tiles per class (most confident first)."""
     ratio: Annotated[float, Field(gt=0.0)] | None = 1.0
     """At most ratio x (real labeled count) kept tiles per class (the paper tried 0.5, 1 and 3); null: no cap."""
 
@@ -504,14 +483,14 @@ class ExperimentConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _generators_need_their_stage(self) -> ExperimentConfig:
-        if "conditional" in self.synthesize.generators and not self.conditional.enabled:
-            raise ValueError("synthesize.generators includes 'conditional' but conditional.enabled is false; "
-                             "enable the baseline or drop it from the generators")
+    def _sources_need_their_stage(self) -> ExperimentConfig:
+        if "conditional" in self.synthesize.sources and not self.conditional.enabled:
+            raise ValueError("synthesize.sources includes 'conditional' but conditional.enabled is false; "
+                             "enable the baseline or drop it from the sources")
         needs = {"real+synthetic": "guided", "real+selected": "guided", "real+conditional_no_pretrain": "conditional"}
         for arm in self.evaluate.arms:
-            if arm in needs and needs[arm] not in self.synthesize.generators:
-                raise ValueError(f"evaluate.arms has '{arm}', which needs '{needs[arm]}' in synthesize.generators")
+            if arm in needs and needs[arm] not in self.synthesize.sources:
+                raise ValueError(f"evaluate.arms has '{arm}', which needs '{needs[arm]}' in synthesize.sources")
         return self
 
     def to_dict(self) -> dict:
@@ -521,7 +500,7 @@ class ExperimentConfig(_Section):
     def section_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
         """Stable hash of the named sections (dotted paths), leaving out settings that do not change
         results (where the data lives, worker counts, device) and the dotted paths in ``exclude``."""
-        full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS, _ADDED_LATER)
+        full = _drop_keys(self.to_dict(), _NON_SEMANTIC_KEYS)
         for dotted in (*_NON_SEMANTIC, *exclude):
             parent, _, leaf = dotted.rpartition(".")
             node = get_path(full, parent) if parent else full
@@ -536,20 +515,12 @@ _NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir")
 _NON_SEMANTIC_KEYS = frozenset({"time_limit_minutes", "log_every", "checkpoint_every", "keep_checkpoints",
                                 "sample_every"})
 
-# Settings added after runs already existed (by key name, wherever they occur), with the value that
-# means "off": at that value they stay out of the hash, so run directories made before they existed
-# keep matching their config.
-_ADDED_LATER = {"scale_equivariance_weight": 0.0, "cooldown_steps": 0}
-
-
-def _drop_keys(tree: Any, keys: frozenset[str], off: dict[str, Any] | None = None) -> Any:
-    """``tree`` without the keys in ``keys``, and without those in ``off`` that hold their off value."""
-    off = off or {}
+def _drop_keys(tree: Any, keys: frozenset[str]) -> Any:
+    """``tree`` without the keys in ``keys``, wherever they occur."""
     if isinstance(tree, dict):
-        return {k: _drop_keys(v, keys, off) for k, v in tree.items()
-                if k not in keys and not (k in off and v == off[k])}
+        return {k: _drop_keys(v, keys) for k, v in tree.items() if k not in keys}
     if isinstance(tree, list):
-        return [_drop_keys(v, keys, off) for v in tree]
+        return [_drop_keys(v, keys) for v in tree]
     return tree
 
 

@@ -14,13 +14,6 @@ class ConfigError(UserError):
 
 
 class StagePaused(Exception):
-    """A training stage stopped at its time limit after checkpointing; rerunning continues it.
-
-    ``reached``: the step its checkpoint holds (recorded in the stage's STATE.json, so the run may
-    later be asked for fewer steps than it first was, as long as not fewer than it has trained)."""
+    """A training stage stopped at its time limit after checkpointing; rerunning continues it."""
 
     exit_code = 3
-
-    def __init__(self, message: str, reached: int | None = None):
-        super().__init__(message)
-        self.reached = reached

@@ -109,3 +109,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def weights_hash(folder: str | os.PathLike) -> str:
+    """Short sha256 of a model folder's ``*.safetensors`` weights (names sorted): which weights made a result."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in sorted(Path(folder).glob("*.safetensors")):
+        with open(w, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

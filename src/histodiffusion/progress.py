@@ -19,6 +19,20 @@ from rich.progress import (
 console = Console(stderr=True, highlight=False, emoji=False)
 
 
+def print_counts(title: str, table: dict[str, dict[str, int]], classes: list[str]) -> None:
+    """Print a table of counts per class (rows) and part (columns), with totals."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("class")
+    for part in table:
+        t.add_column(part, justify="right")
+    for c in classes:
+        t.add_row(c, *[str(row[c]) for row in table.values()])
+    t.add_row("[bold]total", *[f"[bold]{row['total']}" for row in table.values()])
+    console.print(t)
+
+
 def warn(message: str) -> None:
     """Print a warning a user should read (no Python source line, unlike ``warnings.warn``)."""
     from rich.markup import escape

@@ -29,11 +29,6 @@ _PACKAGES = ("histodiffusion", "torch", "torchvision", "diffusers", "accelerate"
              "torchmetrics", "safetensors", "numpy", "Pillow", "pydantic")
 
 
-def step_counts(steps: dict[str, int]) -> list[str]:
-    """The step-count keys (``...train.steps``) of a stage's training settings, not its ``cooldown_steps``."""
-    return [k for k in steps if k.rpartition(".")[2] == "steps"]
-
-
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     """``cfg.run_dir`` or ``runs/<experiment>`` under the current folder."""
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.experiment
@@ -119,50 +114,41 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return {}
 
+    def started(self, key: str) -> bool:
+        """True when the stage was started (finished or not) in this run directory."""
+        return any((self.stage_dir(key) / f).is_file() for f in (STATE, DONE))
+
     def extension(self, key: str, base_hash: str | None, steps: dict[str, int]) -> dict[str, int] | None:
-        """The step counts trained so far when this run only adds training steps to the stage, else None.
+        """The step counts the stage was started with when this run only asks it for more steps, else None.
 
         That is: the stage was started (finished or not) with the same config except its step counts
-        (``base_hash``); no step count goes below the steps trained (a run that paused on its time
-        limit may be asked for fewer than it first was, see :meth:`record_reached`); and a cooldown
-        changed or added starts no earlier than them. A rerun then continues from its checkpoint.
+        (``base_hash``), and every step count is at least what it was. A rerun then continues from
+        the stage's last checkpoint.
         """
         state = self._state(key)
         old = state.get("steps")
         if base_hash is None or state.get("base_hash") != base_hash or not isinstance(old, dict):
             return None
-        # a run begun before cooldown_steps existed had none
-        old = {**{k: 0 for k in steps if k.endswith(".cooldown_steps")}, **old}
         if old == steps or set(old) != set(steps):
             return None
-        counts = step_counts(steps)
-        # steps trained: those asked for, or fewer where the run paused on its time limit
-        trained = {k: min(old[k], state.get("reached", {}).get(k, old[k])) for k in counts}
-        fewer = [k for k in counts if steps[k] < trained[k]]
+        fewer = [k for k in steps if steps[k] < old[k]]
         if fewer:
             raise UserError(
-                f"stage '{key}' in {self.root} was trained for more steps than asked now ("
-                + ", ".join(f"{k}: {trained[k]} before, {steps[k]} now" for k in fewer)
+                f"stage '{key}' in {self.root} was started with more steps than asked now ("
+                + ", ".join(f"{k}: {old[k]} before, {steps[k]} now" for k in fewer)
                 + f"). Ask for at least as many, or rerun with --force {key.split('/')[0]} to train afresh."
             )
-        for k in counts:
-            cool = k.removesuffix("steps") + "cooldown_steps"
-            start, old_start = steps[k] - steps.get(cool, 0), old[k] - old.get(cool, 0)
-            if start != old_start and start < trained[k]:
-                raise UserError(
-                    f"stage '{key}' in {self.root} has trained {trained[k]} steps, but {cool} = {steps[cool]} "
-                    f"would start the cooldown at step {start}, before them. A cooldown added "
-                    f"later must fit in the added steps: ask for {k} >= {trained[k] + steps[cool]}, or rerun "
-                    f"with --force {key.split('/')[0]} to train afresh."
-                )
-        return {**old, **trained}
+        return old
 
-    def record_reached(self, key: str, steps_key: str, step: int) -> None:
-        """Record in STATE.json that the stage paused at ``step`` of ``steps_key`` (see :meth:`extension`)."""
-        state = self._state(key)
-        if state:
-            state["reached"] = {**state.get("reached", {}), steps_key: step}
-            io.write_json(self.stage_dir(key) / STATE, state)
+    def summaries(self) -> dict[str, dict]:
+        """The DONE summary of every finished stage folder, by key (``pretrain``, ``finetune/1pct``)."""
+        out = {}
+        for marker in sorted([*self.root.glob(f"*/{DONE}"), *self.root.glob(f"*/*/{DONE}")]):
+            try:
+                out[str(marker.parent.relative_to(self.root))] = json.loads(marker.read_text()).get("summary", {})
+            except (OSError, json.JSONDecodeError):
+                continue
+        return out
 
     def begin(self, key: str, stage_hash: str, force: bool = False, base_hash: str | None = None,
               steps: dict[str, int] | None = None, extend: bool = False) -> Path:

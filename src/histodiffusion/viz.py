@@ -50,6 +50,13 @@ def save_image(arr: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     return Path(path)
 
 
+def pool_grid(cache, path: str | Path, n: int = 36, seed: int = 0) -> Path:
+    """A grid of ``n`` random tiles of a tile cache (the real pool tiles beside the pre-training
+    sample grids, laid out like them)."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(n, len(cache)), replace=False))
+    return save_image(grid(cache.take(rows)), path, scale=2)
+
+
 def compact_png(path: str | Path, max_bytes: int = 1_000_000) -> Path:
     """Re-encode a PNG larger than ``max_bytes`` with a 256-colour palette (median cut, no dithering).
 

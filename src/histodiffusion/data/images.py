@@ -1,4 +1,5 @@
-"""Robust image decoding: any common tile format to an RGB uint8 array, or a clear failure.
+"""Robust image decoding: any common tile format to an RGB uint8 array, or a clear failure; tiles
+<-> tensors.
 
 Grayscale is replicated to three channels, alpha is composited over white (the colour of glass
 in a bright-field scan), 16-bit and float images are rescaled to 8 bits, palette images are
@@ -11,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -137,3 +139,15 @@ def save_png(path: str | Path, arr: np.ndarray) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def tiles_to_tensor(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 tiles -> (N, 3, H, W) float32 in [-1, 1]."""
+    t = tiles if isinstance(tiles, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(tiles))
+    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tensor_to_tiles(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8 (clamped, rounded)."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

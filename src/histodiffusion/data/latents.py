@@ -13,27 +13,53 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
 from histodiffusion import io
 from histodiffusion.data.cache import TileCache
+from histodiffusion.data.images import tiles_to_tensor
 from histodiffusion.errors import UserError
-from histodiffusion.models.autoencoder import (
-    latent_normalization,
-    normalize_latents,
-    tiles_to_tensor,
-)
 from histodiffusion.progress import progress_bar
 
 INDEX = "index.json"
 
 
+def latent_normalization(vae_config) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    """(scaling_factor, latents_mean, latents_std) from an autoencoder config (means/stds may be None)."""
+    mean = getattr(vae_config, "latents_mean", None)
+    std = getattr(vae_config, "latents_std", None)
+    return (float(vae_config.scaling_factor), None if mean is None else torch.tensor(mean),
+            None if std is None else torch.tensor(std))
+
+
+def normalize_latents(z: torch.Tensor, vae_config) -> torch.Tensor:
+    """Raw latents -> diffusion space: (z - latents_mean) * scaling_factor / latents_std.
+
+    The convention of diffusers' SDXL pipelines; without per-channel statistics it is
+    z * scaling_factor, the original LDM recipe.
+    """
+    sf, mean, std = latent_normalization(vae_config)
+    if mean is None or std is None:
+        return z * sf
+    shape = (1, -1) + (1,) * (z.ndim - 2)
+    return (z - mean.view(shape).to(z)) * sf / std.view(shape).to(z)
+
+
+def denormalize_latents(z_n: torch.Tensor, vae_config) -> torch.Tensor:
+    """Diffusion space -> raw latents (the inverse of :func:`normalize_latents`)."""
+    sf, mean, std = latent_normalization(vae_config)
+    if mean is None or std is None:
+        return z_n / sf
+    shape = (1, -1) + (1,) * (z_n.ndim - 2)
+    return z_n * std.view(shape).to(z_n) / sf + mean.view(shape).to(z_n)
+
+
 @torch.no_grad()
-def encode_to_shards(vae: AutoencoderKL, cache: TileCache, rows: np.ndarray, folder: Path,
+def encode_to_shards(vae: torch.nn.Module, cache: TileCache, rows: np.ndarray, folder: Path,
                      device: torch.device | str = "cpu", batch_size: int = 64, shard_size: int = 8192,
                      progress: bool = True) -> dict:
-    """Encode ``cache[rows]`` into ``folder/shard-*.safetensors`` (fp16 moments); resumes by shard."""
+    """Encode ``cache[rows]`` with an ``AutoencoderKL`` into ``folder/shard-*.safetensors`` (fp16
+    moments); resumes by shard."""
     folder.mkdir(parents=True, exist_ok=True)
     vae = vae.to(device).eval()
     shards = []
@@ -79,6 +105,11 @@ class LatentSet:
     def __len__(self) -> int:
         return len(self.mean)
 
+    def to(self, device: torch.device | str) -> LatentSet:
+        """Move the moments to ``device`` (in place); returns self."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     @property
     def shape(self) -> tuple[int, ...]:
         """(C, h, w) of one latent."""
@@ -90,3 +121,18 @@ class LatentSet:
         mean, std = self.mean[idx], self.std[idx]
         noise = torch.randn(mean.shape, generator=generator).to(mean.device)
         return normalize_latents(mean + std * noise, self.normalization)
+
+
+def encode_split(vae: torch.nn.Module, cache: TileCache, rows: np.ndarray, labels: np.ndarray, out: Path,
+                 device: torch.device | str = "cpu") -> tuple[LatentSet, torch.Tensor]:
+    """Encode the tiles ``cache[rows]`` once into ``out`` (the main process, under accelerate; the
+    others wait) and return their latents with the label index of each latent."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process and not (out / INDEX).is_file():
+        encode_to_shards(vae, cache, rows, out, device=device, progress=False)
+    state.wait_for_everyone()
+    latents = LatentSet(out)
+    label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
+    return latents, torch.tensor([label_of[int(row)] for row in latents.rows], dtype=torch.long)

@@ -11,19 +11,18 @@ from __future__ import annotations
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from histodiffusion.config import DiffusionCfg
-
 # LDM's "linear" schedule interpolates sqrt(beta) linearly (ldm/modules/diffusionmodules/util.py),
 # which diffusers calls "scaled_linear"; the paper's 0.0015 -> 0.0155 refers to that one.
 _BETA_SCHEDULES = {"sqrt_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 SAMPLERS = ("ddim", "dpmpp", "ddpm")
 
 
-def training_scheduler(cfg: DiffusionCfg) -> DDPMScheduler:
+def training_scheduler(num_train_timesteps: int = 1000, schedule: str = "sqrt_linear", beta_start: float = 0.0015,
+                       beta_end: float = 0.0155, prediction_type: str = "v_prediction") -> DDPMScheduler:
     """The forward process q(x_t | x_0) used for training (``add_noise``, ``get_velocity``)."""
     return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-        beta_schedule=_BETA_SCHEDULES[cfg.schedule], prediction_type=cfg.prediction_type,
+        num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+        beta_schedule=_BETA_SCHEDULES[schedule], prediction_type=prediction_type,
         clip_sample=False, timestep_spacing="trailing",
     )
 

@@ -1,6 +1,9 @@
-"""KL autoencoder (diffusers AutoencoderKL): construction, tile <-> tensor, losses, discriminator."""
+"""KL autoencoder (diffusers AutoencoderKL): construction, saving and loading, reconstruction,
+image-quality measures and the losses of its training (SSIM, LPIPS, patch discriminator)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -8,73 +11,49 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-from histodiffusion.config import AutoencoderArch
+from histodiffusion import io
+from histodiffusion.data.images import tensor_to_tiles, tiles_to_tensor
+from histodiffusion.data.latents import denormalize_latents
 from histodiffusion.errors import UserError
 
+VAE = "vae"
 
-def build_autoencoder(arch: AutoencoderArch, resolution: int) -> AutoencoderKL:
-    """An AutoencoderKL with ``len(arch.channels)`` levels (downsampling ``arch.downsample_factor``).
+
+def build_autoencoder(resolution: int, channels: list[int], latent_channels: int = 3, layers_per_block: int = 1,
+                      norm_num_groups: int = 32, mid_attention: bool = False,
+                      downsample_factor: int | None = None) -> AutoencoderKL:
+    """An AutoencoderKL with ``len(channels)`` levels: it downsamples by 2 ** (len(channels) - 1).
 
     ``scaling_factor`` starts at 1; after training the measured latent normalisation (per-channel
-    mean and std, and the overall scale) is written into the config.
+    mean and std, and the overall scale) is written into the config. ``downsample_factor``, when
+    given, must agree with ``channels`` (the config states both).
     """
-    n = len(arch.channels)
+    n = len(channels)
+    if downsample_factor is not None and downsample_factor != 2 ** (n - 1):
+        raise ValueError(f"downsample_factor {downsample_factor} needs {downsample_factor.bit_length()} channel "
+                         f"levels, got {n}")
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(arch.channels), layers_per_block=arch.layers_per_block,
-        latent_channels=arch.latent_channels, norm_num_groups=arch.norm_num_groups,
-        sample_size=resolution, scaling_factor=1.0, mid_block_add_attention=arch.mid_attention,
+        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        latent_channels=latent_channels, norm_num_groups=norm_num_groups,
+        sample_size=resolution, scaling_factor=1.0, mid_block_add_attention=mid_attention,
     )
 
 
-def tiles_to_tensor(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 tiles -> (N, 3, H, W) float in [-1, 1]."""
-    t = torch.as_tensor(np.asarray(tiles)) if not isinstance(tiles, torch.Tensor) else tiles
-    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
+    """Write ``folder/vae`` as a diffusers folder (safetensors), atomically."""
+    with io.atomic_path(Path(folder) / VAE) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+    return Path(folder) / VAE
 
 
-def tensor_to_tiles(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8 (clamped, rounded)."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def latent_normalization(vae_config) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
-    """(scaling_factor, latents_mean, latents_std) from an autoencoder config (means/stds may be None)."""
-    mean = getattr(vae_config, "latents_mean", None)
-    std = getattr(vae_config, "latents_std", None)
-    return (float(vae_config.scaling_factor), None if mean is None else torch.tensor(mean),
-            None if std is None else torch.tensor(std))
-
-
-def normalize_latents(z: torch.Tensor, vae_config) -> torch.Tensor:
-    """Raw latents -> diffusion space: (z - latents_mean) * scaling_factor / latents_std.
-
-    The convention of diffusers' SDXL pipelines; without per-channel statistics it is
-    z * scaling_factor, the original LDM recipe.
-    """
-    sf, mean, std = latent_normalization(vae_config)
-    if mean is None or std is None:
-        return z * sf
-    shape = (1, -1) + (1,) * (z.ndim - 2)
-    return (z - mean.view(shape).to(z)) * sf / std.view(shape).to(z)
-
-
-def denormalize_latents(z_n: torch.Tensor, vae_config) -> torch.Tensor:
-    """Diffusion space -> raw latents (the inverse of :func:`normalize_latents`)."""
-    sf, mean, std = latent_normalization(vae_config)
-    if mean is None or std is None:
-        return z_n / sf
-    shape = (1, -1) + (1,) * (z_n.ndim - 2)
-    return z_n * std.view(shape).to(z_n) / sf + mean.view(shape).to(z_n)
-
-
-@torch.no_grad()
-def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of ``images`` in [-1, 1] (unscaled latents)."""
-    dist = vae.encode(images).latent_dist
-    return dist.mean, dist.std
+def load_vae(folder: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """The trained autoencoder in ``folder/vae`` (an autoencoder stage's folder), in eval mode."""
+    path = Path(folder) / VAE
+    if not (path / "config.json").is_file():
+        raise UserError(f"no trained autoencoder at {path}; run `histodiffusion train-autoencoder CONFIG` first")
+    return AutoencoderKL.from_pretrained(path).to(device).eval()
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,19 @@
-"""Pipeline stages: one module per stage, each registering a :class:`Stage` with ``run(ctx)``."""
+"""Pipeline stages: one module per stage, named as ``histodiffusion run`` names it. Each reads its
+upstream folders, calls the library and writes its own folder; it registers a :class:`Stage`
+with the registry (``registry.py``), which orders them, maps them to CLI commands and runs them.
+The stage modules are imported on first use, so the command line starts without torch."""
 
-from histodiffusion.stages import (  # noqa: F401  (importing registers the stages)
-    autoencoder,
-    data,
-    evaluate,
-    finetune,
-    generation,
-    pretrain,
-    report,
-    select,
-    synthesize,
+from histodiffusion.stages.registry import (
+    COMMANDS,
+    PIPELINE,
+    STAGES,
+    Stage,
+    StageContext,
+    command_stages,
+    require_started,
+    run_pipeline,
+    run_stage,
 )
-from histodiffusion.stages.base import STAGES, Stage, StageContext, run_stage
-from histodiffusion.stages.pipeline import PIPELINE, run_pipeline
 
-__all__ = ["PIPELINE", "STAGES", "Stage", "StageContext", "run_pipeline", "run_stage"]
+__all__ = ["COMMANDS", "PIPELINE", "STAGES", "Stage", "StageContext", "command_stages", "require_started",
+           "run_pipeline", "run_stage"]

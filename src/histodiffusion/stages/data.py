@@ -1,15 +1,15 @@
-"""Stages ``data`` (manifests of pool, train, valid, test, and tile caches) and ``labels`` (one labeled
-subset per label budget).
+"""Stage ``data``: read the sources, split the target, check the guards, write the manifests of pool,
+train, valid and test, and their tile caches.
 
-The two are apart so that the pool-only stages (autoencoder, latents, pretrain) do not depend on the
-label budgets: adding a budget to a finished run draws its subset and runs only the per-budget stages.
+The label budgets' subsets are the stage ``labels`` (``labels.py``), so that the pool-only stages
+(autoencoder, latents, pretrain) do not depend on them: adding a budget to a finished run draws its
+subset and runs only the per-budget stages.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from rich.table import Table
 
 from histodiffusion import io
@@ -21,13 +21,12 @@ from histodiffusion.data.sources import (
     Record,
     data_root,
     read_csv_manifest,
-    read_manifest,
     read_source,
     write_manifest,
 )
 from histodiffusion.errors import UserError
-from histodiffusion.progress import console
-from histodiffusion.stages.base import Stage, StageContext, register
+from histodiffusion.progress import console, print_counts
+from histodiffusion.stages.registry import Stage, StageContext, register
 
 EVAL_SPLITS = ("train", "valid", "test")
 
@@ -122,17 +121,6 @@ def _cached(records: list[Record], name: str, ctx: StageContext) -> list[Record]
     return [r for r in records if cache.contains(r.path)]
 
 
-def _print_table(title: str, table: dict[str, dict[str, int]], classes: list[str]) -> None:
-    t = Table(title=title)
-    t.add_column("class")
-    for part in table:
-        t.add_column(part, justify="right")
-    for c in classes:
-        t.add_row(c, *[str(row[c]) for row in table.values()])
-    t.add_row("[bold]total", *[f"[bold]{row['total']}" for row in table.values()])
-    console.print(t)
-
-
 def run(ctx: StageContext) -> dict:
     """Read sources, split, cache tiles, check guards, write manifests (label budgets: stage ``labels``)."""
     cfg = ctx.cfg
@@ -154,7 +142,7 @@ def run(ctx: StageContext) -> dict:
                "pool": {"total": len(pool), "by_source": pool_sources}, "resolution": cfg.data.resolution}
     io.write_json(ctx.folder / "classes.json", classes)
     io.write_json(ctx.folder / "counts.json", summary)
-    _print_table(f"{cfg.experiment}: target '{cfg.data.target.name}' (split by {mode})", table, classes)
+    print_counts(f"{cfg.experiment}: target '{cfg.data.target.name}' (split by {mode})", table, classes)
     src_table = Table(title="pre-training pool (labels ignored)")
     src_table.add_column("source")
     src_table.add_column("tiles", justify="right")
@@ -165,75 +153,5 @@ def run(ctx: StageContext) -> dict:
     return summary
 
 
-def run_labels(ctx: StageContext) -> dict:
-    """Draw one label budget's subset of the train split (seeded, stratified) and check every class is in it."""
-    cfg = ctx.cfg
-    data = ctx.upstream("data")
-    classes = classes_of(data)
-    train = split_records(data, "train")
-    subset = sp.labeled_subset(train, ctx.budget, cfg.seed)  # type: ignore[arg-type]
-    sp.check_classes_present(subset, train, ctx.budget)  # type: ignore[arg-type]
-    write_manifest(ctx.folder / "labeled.csv", subset)
-    row = sp.count_table({f"labeled {ctx.budget_name}": subset}, classes)
-    io.write_json(ctx.folder / "counts.json", row)
-    _print_table(f"{cfg.experiment}: labeled subset {ctx.budget_name} of '{cfg.data.target.name}'/train", row, classes)
-    return {"counts": row}
-
-
-def labeled_counts(root: Path, budgets: list[str]) -> dict[str, dict[str, int]]:
-    """Counts per class of each finished budget's labeled subset in a run directory."""
-    rows: dict[str, dict[str, int]] = {}
-    for name in budgets:
-        path = root / "labels" / name / "counts.json"
-        if path.is_file():
-            rows.update(io.read_json(path))
-    return rows
-
-
-# ----------------------------------------------------------------------- reading back
-def classes_of(run_dir_data: Path) -> list[str]:
-    """Class names in label-index order, as written by the data stage."""
-    return io.read_json(run_dir_data / "classes.json")
-
-
-def split_records(data_folder: Path, split: str) -> list[Record]:
-    """Records of 'train', 'valid', 'test', 'pool' or 'labeled/<budget>'.
-
-    A budget's subset is written by the ``labels`` stage beside ``data`` in the run directory.
-    """
-    if split.startswith("labeled/"):
-        name = split.split("/", 1)[1]
-        path = data_folder.parent / "labels" / name / "labeled.csv"
-        if not path.is_file():
-            raise UserError(f"no labeled subset '{name}' in {data_folder.parent}: run `histodiffusion data prepare "
-                            f"CONFIG` with {name} in data.target.budgets")
-        return read_manifest(path)
-    return read_manifest(data_folder / f"{split}.csv")
-
-
-def split_rows(data_folder: Path, split: str, cap: int | None = None,
-               seed: int = 0) -> tuple[TileCache, np.ndarray, np.ndarray]:
-    """A split's tile cache, its rows in that cache and label indices (optionally capped, stratified).
-
-    ``labeled/<budget>`` subsets live in the train split's cache.
-    """
-    classes = classes_of(data_folder)
-    records = split_records(data_folder, split)
-    if cap is not None and len(records) > cap:
-        records = sp.cap_per_class(records, max(1, cap // len(classes)), seed, f"eval-{split}")
-    cache = TileCache(data_folder / "cache" / ("train" if split.startswith("labeled/") else split))
-    rows = cache.rows([r.path for r in records])
-    labels = np.array([classes.index(r.label) for r in records], dtype=np.int64)
-    return cache, rows, labels
-
-
-def split_tiles(data_folder: Path, split: str, cap: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(N, R, R, 3) uint8 tiles and (N,) label indices of a split."""
-    cache, rows, labels = split_rows(data_folder, split, cap, seed)
-    return cache.take(rows), labels
-
-
-STAGE = register(Stage("data", ("data", "seed"), (), run, description="manifests and tile caches",
+STAGE = register(Stage("data", "data prepare", ("data", "seed"), (), run, description="manifests and tile caches",
                        exclude=("data.target.budgets",)))
-LABELS = register(Stage("labels", ("seed",), ("data",), run_labels, per_budget=True,
-                        description="the labeled subset of one label budget"))

@@ -10,69 +10,32 @@ Each (arm, seed) run is written as soon as it finishes; an interrupted stage res
 from __future__ import annotations
 
 import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig
-from histodiffusion.data.images import read_rgb
+from histodiffusion.data.prepared import classes_of, load_synthetic, split_tiles
+from histodiffusion.devices import inference_device, machine
+from histodiffusion.metrics.arms import summarize
 from histodiffusion.metrics.classification import classification_metrics
-from histodiffusion.metrics.stats import mean_ci, paired_difference_ci
-from histodiffusion.models.image_classifier import predict_logits, softmax, train_image_classifier
+from histodiffusion.models.tile_classifier import predict_logits, softmax
 from histodiffusion.progress import console
-from histodiffusion.stages.base import Stage, StageContext, register
-from histodiffusion.stages.data import classes_of, split_tiles
-from histodiffusion.stages.select import load_synthetic
-from histodiffusion.stages.synthesize import read_manifest_rows
-from histodiffusion.training.loop import inference_device
-
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
-
-
-def _from_manifest(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    rows = read_manifest_rows(path)
-    tiles = np.stack([read_rgb(r["path"]) for r in rows]) if rows else None
-    return tiles, np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+from histodiffusion.stages.registry import Stage, StageContext, register
+from histodiffusion.training.tile_classifier import train_tile_classifier
 
 
 def synthetic_for(arm: str, ctx: StageContext, classes: list[str]) -> tuple[np.ndarray | None, np.ndarray]:
-    """The synthetic tiles and labels an arm adds to the real subset (None for 'real')."""
+    """The synthetic tiles and labels an arm adds to the real subset (None for 'real' or an empty set)."""
     if arm == "real":
         return None, np.zeros(0, np.int64)
     if arm == "real+synthetic":
-        rows, tiles = load_synthetic(ctx.upstream("synthesize") / "guided")
-        return tiles, np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
-    generator = "guided" if arm == "real+selected" else "conditional"
-    return _from_manifest(ctx.upstream("select") / generator / "accepted.csv", classes)
-
-
-def summarize(runs: list[dict], arms: list[str]) -> tuple[dict, dict]:
-    """Per arm and metric: mean with 95% CI; per arm: paired difference vs 'real' (matched seeds)."""
-    by_arm = {a: {r["seed"]: r for r in runs if r["arm"] == a} for a in arms}
-    summary, gains = {}, {}
-    for arm in arms:
-        seeds = sorted(by_arm[arm])
-        summary[arm] = {m: mean_ci([by_arm[arm][s]["test"].get(m) for s in seeds]) for m in METRICS
-                        if any(by_arm[arm][s]["test"].get(m) is not None for s in seeds)}
-        if arm != "real":
-            paired = [s for s in seeds if s in by_arm["real"]]
-            gains[arm] = {m: paired_difference_ci([by_arm[arm][s]["test"][m] for s in paired],
-                                                  [by_arm["real"][s]["test"][m] for s in paired])
-                          for m in ("accuracy", "balanced_accuracy", "macro_f1")}
-    return summary, gains
-
-
-def machine() -> str:
-    """A one-line description of this machine (for result files)."""
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()} {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+        manifest = ctx.upstream("synthesize") / "guided" / "manifest.csv"
+    else:
+        manifest = ctx.upstream("select") / ("guided" if arm == "real+selected" else "conditional") / "accepted.csv"
+    _, tiles, labels = load_synthetic(manifest, classes)
+    return (tiles if len(labels) else None), labels
 
 
 def run(ctx: StageContext) -> dict:
@@ -106,8 +69,9 @@ def run(ctx: StageContext) -> dict:
                 runs.append(record)
                 continue
             t0 = time.time()
-            clf = train_image_classifier(e.classifier, tiles, labels, valid_tiles, valid_labels, len(classes), seed,
-                                         device, description=f"{ctx.budget_name} {arm} seed {seed}")
+            clf = train_tile_classifier(tiles, labels, valid_tiles, valid_labels, len(classes), seed,
+                                        **e.classifier.model_dump(exclude={"eval_max"}), device=device,
+                                        description=f"{ctx.budget_name} {arm} seed {seed}")
             probs = softmax(predict_logits(clf.model, test_tiles, device, precision=e.classifier.precision))
             record = {"arm": arm, "seed": seed, "n_real": int(len(real_labels)), "n_synthetic": int(len(syn_labels)),
                       "best_step": clf.best_step, "valid": clf.best_valid,
@@ -132,5 +96,5 @@ def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
     return ("data", "labels", "synthesize", "select") if set(cfg.evaluate.arms) - {"real"} else ("data", "labels")
 
 
-STAGE = register(Stage("evaluate", ("evaluate", "seed"), _upstream, run, per_budget=True,
+STAGE = register(Stage("evaluate", "evaluate", ("evaluate", "seed"), _upstream, run, per_budget=True,
                        description="downstream classifier per arm and seed, test metrics with CIs"))

@@ -1,7 +1,7 @@
-"""Stages ``features`` (a histology feature space) and ``generation`` (quality of synthetic tiles).
+"""Stage ``generation``: generation quality of the synthetic tiles of one label budget.
 
-Distances are measured in (i) a SimCLR encoder trained by the project on the unlabeled pool
-(works offline) and (ii) Inception-v3 when its weights are on disk. Every distance comes with
+Distances are measured in (i) the SimCLR encoder of stage ``features``, trained on the unlabeled
+pool (works offline) and (ii) Inception-v3 when its weights are on disk. Every distance comes with
 its sample counts and a floor: the same metric between two disjoint halves of the real tiles.
 Memorization: each synthetic tile's nearest labeled tile and pool tile; near-copies flagged.
 """
@@ -13,37 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from histodiffusion import io
-from histodiffusion.data.cache import TileCache
-from histodiffusion.data.images import read_rgb
+from histodiffusion.data.prepared import classes_of, load_synthetic, pool_tiles, split_tiles
+from histodiffusion.devices import inference_device
 from histodiffusion.metrics import generation as gm
-from histodiffusion.models.features import (
+from histodiffusion.models.feature_encoder import (
+    ENCODER,
     extract_features,
     inception_available,
     inception_features,
     load_encoder,
-    save_encoder,
-    train_feature_encoder,
 )
 from histodiffusion.progress import console
-from histodiffusion.stages.base import Stage, StageContext, register
-from histodiffusion.stages.data import classes_of, split_tiles
-from histodiffusion.stages.synthesize import read_manifest_rows
-from histodiffusion.training.loop import inference_device
+from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.viz import labeled_rows, save_image
-
-ENCODER = "encoder"
-
-
-def run_features(ctx: StageContext) -> dict:
-    """Train the SimCLR histology encoder on the pool tiles (labels never used)."""
-    g = ctx.cfg.generation
-    tiles = TileCache(ctx.upstream("data") / "cache" / "pool")
-    pool = tiles.take(np.arange(len(tiles)))
-    encoder = train_feature_encoder(pool, g.encoder_steps, g.encoder_batch_size, g.encoder_lr, ctx.cfg.seed,
-                                    g.encoder_backbone, inference_device(ctx.cfg.device),
-                                    log=ctx.folder / "metrics.jsonl")
-    save_encoder(encoder, ctx.folder / ENCODER)
-    return {"backbone": g.encoder_backbone, "steps": g.encoder_steps, "n_pool": len(pool)}
 
 
 def _distances(real: np.ndarray, fake: np.ndarray, kid_subset: int, k: int) -> dict:
@@ -66,19 +48,15 @@ def _floor(real: np.ndarray, seed: int, kid_subset: int, k: int) -> dict:
 
 def synthetic_sets(ctx: StageContext, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """unguided / guided / selected (/ conditional) tiles and their target labels, as available."""
+    manifests = {source: ctx.upstream("synthesize") / source / "manifest.csv"
+                 for source in ("unguided", "guided", "conditional")}
+    manifests["selected"] = ctx.upstream("select") / "guided" / "accepted.csv"
     sets = {}
-    synth = ctx.upstream("synthesize")
-    for generator in ("unguided", "guided", "conditional"):
-        manifest = synth / generator / "manifest.csv"
+    for name, manifest in manifests.items():
         if manifest.is_file():
-            rows = read_manifest_rows(manifest)
-            sets[generator] = (np.stack([read_rgb(synth / generator / r["path"]) for r in rows]),
-                               np.array([classes.index(r["label"]) for r in rows]))
-    accepted = ctx.upstream("select") / "guided" / "accepted.csv"
-    rows = read_manifest_rows(accepted) if accepted.is_file() else []
-    if rows:
-        sets["selected"] = (np.stack([read_rgb(r["path"]) for r in rows]),
-                            np.array([classes.index(r["label"]) for r in rows]))
+            _, tiles, labels = load_synthetic(manifest, classes)
+            if len(labels):
+                sets[name] = (tiles, labels)
     return sets
 
 
@@ -130,7 +108,7 @@ def run_generation(ctx: StageContext) -> dict:
     tiles, labels = {}, {}
     tiles["real"], labels["real"] = split_tiles(data, "valid", g.max_real, cfg.seed)
     tiles["labeled"], labels["labeled"] = split_tiles(data, f"labeled/{ctx.budget_name}")
-    pool = TileCache(data / "cache" / "pool")
+    pool = pool_tiles(data)
     tiles["pool"] = pool.take(np.arange(len(pool)))
     for name, (t, y) in synthetic_sets(ctx, classes).items():
         tiles[name], labels[name] = t, y
@@ -154,9 +132,6 @@ def run_generation(ctx: StageContext) -> dict:
     return {"sets": list(h["sets"])}
 
 
-FEATURES = register(Stage("features", ("generation.encoder_backbone", "generation.encoder_steps",
-                                       "generation.encoder_batch_size", "generation.encoder_lr", "seed"),
-                          ("data",), run_features, description="histology feature encoder (SimCLR on the pool)"))
-GENERATION = register(Stage("generation", ("generation", "seed"), ("data", "labels", "features", "synthesize", "select"),
-                            run_generation,
-                            per_budget=True, description="generation quality and memorization"))
+STAGE = register(Stage("generation", "evaluate-generation", ("generation", "seed"),
+                       ("data", "labels", "features", "synthesize", "select"), run_generation, per_budget=True,
+                       description="generation quality and memorization"))

@@ -6,15 +6,20 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, budget_name
-from histodiffusion.data.cache import TileCache
-from histodiffusion.report import Document, arms_bar_chart, curves, fmt_ci
-from histodiffusion.stages.base import STAGES, Stage, StageContext, register, stage_keys
-from histodiffusion.stages.data import labeled_counts
-from histodiffusion.viz import grid, save_image
+from histodiffusion.data.prepared import labeled_counts, pool_tiles
+from histodiffusion.document import Document, arms_bar_chart, curves, fmt_ci
+from histodiffusion.rundir import RunDir
+from histodiffusion.stages.registry import (
+    PIPELINE,
+    STAGES,
+    Stage,
+    StageContext,
+    register,
+    stage_keys,
+)
+from histodiffusion.viz import pool_grid
 
 
 def _done(root: Path, key: str) -> dict | None:
@@ -23,16 +28,10 @@ def _done(root: Path, key: str) -> dict | None:
 
 
 def wall_seconds(cfg: ExperimentConfig, root: Path) -> dict[str, float]:
-    """Wall seconds of each finished stage (per budget for per-budget stages), from the DONE markers."""
-    out = {}
-    for name in STAGES:
-        if name == "report":
-            continue
-        for key, _ in stage_keys(STAGES[name], cfg):
-            done = _done(root, key)
-            if done is not None:
-                out[key] = done["summary"].get("wall_seconds")
-    return out
+    """Wall seconds of each finished stage of the config (per budget for per-budget stages), in pipeline order."""
+    done = RunDir(root).summaries()
+    keys = [key for name in PIPELINE if name != "report" for key, _ in stage_keys(STAGES[name], cfg)]
+    return {key: done[key].get("wall_seconds") for key in keys if key in done}
 
 
 def _series(path: Path, key: str) -> list[tuple[float, float]]:
@@ -58,16 +57,8 @@ def _pretraining(doc: Document, root: Path, out: Path) -> dict:
     sample = _latest(root / "pretrain" / "samples")
     if sample is not None:
         doc.image(shutil.copy(sample, out / "pretrain_samples.png"), "Unconditional samples of the pre-trained LDM")
-    doc.image(pool_grid(root / "data", out / "pool_tiles.png"), "Real pool tiles (a random draw) to compare the samples with")
+    doc.image(pool_grid(pool_tiles(root / "data"), out / "pool_tiles.png"), "Real pool tiles (a random draw) to compare the samples with")
     return {"autoencoder": ae, "pretrain": pt}
-
-
-def pool_grid(data_folder: Path, path: Path, n: int = 36, seed: int = 0) -> Path:
-    """A grid of ``n`` random real pool tiles (from a data stage's folder), laid out like the
-    pre-training sample grids."""
-    cache = TileCache(data_folder / "cache" / "pool")
-    rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(n, len(cache)), replace=False))
-    return save_image(grid(cache.take(rows)), path, scale=2)
 
 
 def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: str) -> dict:
@@ -85,17 +76,17 @@ def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: s
         doc.image(curves({f"q{q}": _series(valid, f"acc_q{q}") for q in range(1, 5)},
                          out / f"{name}_latent_classifier.png", f"latent classifier, {name}", "valid accuracy"),
                   "Latent classifier: valid accuracy per noise quartile during training")
-    for generator in cfg.synthesize.generators:
-        grid = root / "synthesize" / name / generator / "grid.png"
+    for source in cfg.synthesize.sources:
+        grid = root / "synthesize" / name / source / "grid.png"
         if grid.is_file():
-            doc.image(shutil.copy(grid, out / f"{name}_{generator}_grid.png"),
-                      f"Real (top of each pair) vs {generator} synthetic tiles per class, {name}")
-    for generator in ("guided", "conditional"):
-        acc = root / "select" / name / generator / "acceptance.json"
+            doc.image(shutil.copy(grid, out / f"{name}_{source}_grid.png"),
+                      f"Real (top of each pair) vs {source} synthetic tiles per class, {name}")
+    for source in ("guided", "conditional"):
+        acc = root / "select" / name / source / "acceptance.json"
         if acc.is_file():
             table = io.read_json(acc)
-            result[f"acceptance_{generator}"] = table
-            doc.paragraph(f"Selection of {generator} tiles (tau = {cfg.select.threshold}):")
+            result[f"acceptance_{source}"] = table
+            doc.paragraph(f"Selection of {source} tiles (tau = {cfg.select.threshold}):")
             doc.table(["class", "real", "generated", "wrong class", "low confidence", "centroid", "cap", "accepted"],
                       [[c, r["real"], r["generated"], r["wrong_class"], r["low_confidence"], r["centroid"], r["cap"],
                         r["accepted"]] for c, r in table.items()])
@@ -190,5 +181,5 @@ def run(ctx: StageContext) -> dict:
     return {"budgets": list(results["budgets"])}
 
 
-STAGE = register(Stage("report", ("evaluate", "synthesize", "select"), ("data", "labels", "evaluate", "generation"), run,
+STAGE = register(Stage("report", "report", ("evaluate", "synthesize", "select"), ("data", "labels", "evaluate", "generation"), run,
                        description="report.md, report.html, results.json", rebuild=True))

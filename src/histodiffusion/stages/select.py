@@ -3,8 +3,8 @@
 The auxiliary classifier is trained on the labeled subset only, with the valid split for early
 stopping (and, optionally, a temperature fitted on it). A tile is accepted when the predicted
 class is its target and the confidence >= tau; optionally its nearest class centroid (features
-of the labeled tiles, as in the authors' code) must be the target too. Caps per class keep the
-most confident tiles first.
+of the labeled tiles, as in the authors' code) must be the target too. A cap per class (``ratio``
+x the real count) keeps the most confident tiles first.
 """
 
 from __future__ import annotations
@@ -16,29 +16,19 @@ import numpy as np
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig
-from histodiffusion.data.images import read_rgb
-from histodiffusion.models.image_classifier import (
-    TrainedClassifier,
+from histodiffusion.data.prepared import classes_of, load_synthetic, split_tiles
+from histodiffusion.devices import inference_device
+from histodiffusion.models.tile_classifier import (
     fit_temperature,
     penultimate_features,
     predict_logits,
     softmax,
-    train_image_classifier,
 )
 from histodiffusion.progress import console
-from histodiffusion.stages.base import Stage, StageContext, register
-from histodiffusion.stages.data import classes_of, split_tiles
-from histodiffusion.stages.synthesize import read_manifest_rows
-from histodiffusion.training.loop import inference_device
+from histodiffusion.stages.registry import Stage, StageContext, register
+from histodiffusion.training.tile_classifier import TrainedClassifier, train_tile_classifier
 
 SELECTABLE = ("guided", "conditional")
-
-
-def load_synthetic(folder: Path) -> tuple[list[dict], np.ndarray]:
-    """Manifest rows and (N, R, R, 3) uint8 tiles of one generator's synthetic set."""
-    rows = read_manifest_rows(folder / "manifest.csv")
-    tiles = np.stack([read_rgb(folder / r["path"]) for r in rows]) if rows else np.zeros((0, 1, 1, 3), np.uint8)
-    return rows, tiles
 
 
 def centroid_ok(clf: TrainedClassifier, real_tiles: np.ndarray, real_labels: np.ndarray, tiles: np.ndarray,
@@ -62,9 +52,7 @@ def decide(cfg: ExperimentConfig, probs: np.ndarray, targets: np.ndarray, centro
     if centroid is not None:
         reasons = np.where((reasons == "accepted") & ~centroid, "centroid", reasons)
     for k in range(probs.shape[1]):
-        caps = [c for c in (s.per_class_cap, None if s.ratio is None else int(round(s.ratio * real_counts[k])))
-                if c is not None]
-        cap = min(caps) if caps else None
+        cap = None if s.ratio is None else int(round(s.ratio * real_counts[k]))
         idx = np.flatnonzero((targets == k) & (reasons == "accepted"))
         if cap is not None and len(idx) > cap:
             order = idx[np.argsort(-probs[idx, k], kind="stable")]
@@ -89,25 +77,25 @@ def run(ctx: StageContext) -> dict:
     device = inference_device(cfg.device)
     real_tiles, real_labels = split_tiles(data, f"labeled/{ctx.budget_name}")
     valid_tiles, valid_labels = split_tiles(data, "valid", s.classifier.eval_max, cfg.seed)
-    clf = train_image_classifier(s.classifier, real_tiles, real_labels, valid_tiles, valid_labels, len(classes),
-                                 cfg.seed, device, description=f"selection classifier {ctx.budget_name}")
+    clf = train_tile_classifier(real_tiles, real_labels, valid_tiles, valid_labels, len(classes), cfg.seed,
+                                **s.classifier.model_dump(exclude={"eval_max"}), device=device,
+                                description=f"selection classifier {ctx.budget_name}")
     if s.temperature_scaling:
         clf.temperature = fit_temperature(predict_logits(clf.model, valid_tiles, device), valid_labels)
     io.write_json(ctx.folder / "classifier.json", {"best_step": clf.best_step, "valid": clf.best_valid,
                                                    "temperature": clf.temperature, "history": clf.history})
     real_counts = np.bincount(real_labels, minlength=len(classes))
     summary: dict = {"temperature": clf.temperature, "valid": clf.best_valid}
-    for generator in (g for g in cfg.synthesize.generators if g in SELECTABLE):
-        rows, tiles = load_synthetic(ctx.upstream("synthesize") / generator)
-        targets = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+    for source in (g for g in cfg.synthesize.sources if g in SELECTABLE):
+        rows, tiles, targets = load_synthetic(ctx.upstream("synthesize") / source / "manifest.csv", classes)
         probs = softmax(predict_logits(clf.model, tiles, device), clf.temperature)
         centroid = centroid_ok(clf, real_tiles, real_labels, tiles, targets, len(classes), device) \
             if s.centroid_rule else None
         accepted, reasons = decide(cfg, probs, targets, centroid, real_counts)
         extra = [{"confidence": round(float(p.max()), 5), "predicted": classes[int(p.argmax())],
                   "selection": why} for p, why in zip(probs, reasons, strict=True)]
-        out = ctx.folder / generator
-        base = (ctx.upstream("synthesize") / generator).resolve()
+        out = ctx.folder / source
+        base = (ctx.upstream("synthesize") / source).resolve()
         rows = [{**r, "path": str(base / r["path"])} for r in rows]  # absolute: usable from anywhere
         _write(out / "accepted.csv", [r for r, a in zip(rows, accepted, strict=True) if a],
                [e for e, a in zip(extra, accepted, strict=True) if a])
@@ -115,8 +103,8 @@ def run(ctx: StageContext) -> dict:
                [e for e, a in zip(extra, accepted, strict=True) if not a])
         table = acceptance_table(classes, targets, reasons, real_counts)
         io.write_json(out / "acceptance.json", table)
-        summary[generator] = table
-        console.print(f"select {generator}: kept {table['total']['accepted']} of {table['total']['generated']} "
+        summary[source] = table
+        console.print(f"select {source}: kept {table['total']['accepted']} of {table['total']['generated']} "
                       f"(tau={s.threshold}, T={clf.temperature:.2f})")
     return summary
 
@@ -136,5 +124,5 @@ def acceptance_table(classes: list[str], targets: np.ndarray, reasons: list[str]
     return table
 
 
-STAGE = register(Stage("select", ("select", "seed"), ("data", "labels", "synthesize"), run, per_budget=True,
+STAGE = register(Stage("select", "select", ("select", "seed"), ("data", "labels", "synthesize"), run, per_budget=True,
                        description="confidence-based selection of synthetic tiles"))

@@ -1,4 +1,5 @@
-"""Stage ``synthesize``: tiles of chosen classes, guided in latent space by the noise-aware classifier.
+"""Stage ``synthesize``: tiles of chosen classes from each configured source (guided, unguided,
+conditional), guided in latent space by the noise-aware classifier.
 
 Sample k (a global index over all classes) starts from the noise of its own seed, so guided,
 unguided and conditional tiles with the same k share their starting noise (paired comparisons),
@@ -9,7 +10,6 @@ and the set is the same whatever the batch size or number of processes. Under
 from __future__ import annotations
 
 import csv
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +18,25 @@ from accelerate import PartialState
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig
-from histodiffusion.data.images import save_png
-from histodiffusion.diffusion.generate import generate
+from histodiffusion.data.images import read_rgb, save_png
+from histodiffusion.data.prepared import (
+    classes_of,
+    read_manifest_rows,
+    real_examples,
+    split_records,
+)
 from histodiffusion.diffusion.guidance import guided_eps
-from histodiffusion.diffusion.sampling import unet_eps_fn
+from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
 from histodiffusion.errors import UserError
+from histodiffusion.models.autoencoder import load_vae
+from histodiffusion.models.latent_classifier import CLASSIFIER, load_latent_classifier
+from histodiffusion.models.unet import ADAPT, UNET, load_unet
 from histodiffusion.progress import console, progress_bar
-from histodiffusion.stages.autoencoder import load_vae
-from histodiffusion.stages.base import Stage, StageContext, register
-from histodiffusion.stages.data import split_records, split_rows
-from histodiffusion.stages.finetune import load_classifier, synthesis_unet_folder
-from histodiffusion.stages.pretrain import UNET, load_unet
+from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.viz import labeled_rows, save_image
 
-FIELDS = ["path", "label", "index", "generator", "guidance_scale", "sampler", "num_steps", "eta",
+FIELDS = ["path", "label", "index", "source", "guidance_scale", "sampler", "num_steps", "eta",
           "target_prob", "unet_sha256", "classifier_sha256"]
-
-
-def file_hash(folder: Path) -> str:
-    """Short sha256 of a diffusers folder's weights file."""
-    weights = sorted(Path(folder).glob("*.safetensors"))
-    h = hashlib.sha256()
-    for w in weights:
-        with open(w, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def plan(cfg: ExperimentConfig, classes: list[str], labeled_counts: dict[str, int]) -> list[tuple[int, int]]:
@@ -75,30 +68,36 @@ def _done_indices(out: Path) -> dict[int, dict]:
     return rows
 
 
-def synthesize_one(cfg: ExperimentConfig, ctx: StageContext, generator: str, classes: list[str],
-                   todo_plan: list[tuple[int, int]]) -> Path:
-    """Make the tiles of one generator (guided / unguided / conditional) into ``folder/<generator>``."""
+def unet_folder(ctx: StageContext, source: str) -> Path:
+    """Folder of the UNet a source samples: the conditional baseline, the domain-adapted one or the pre-trained one."""
+    if source == "conditional":
+        return ctx.upstream("conditional")
+    return ctx.upstream("finetune") / ADAPT if ctx.cfg.finetune.domain_adapt else ctx.upstream("pretrain")
+
+
+def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_plan: list[tuple[int, int]]) -> Path:
+    """Make the tiles of one source (guided / unguided / conditional) into ``folder/<source>``."""
+    cfg = ctx.cfg
     state = PartialState(cpu=cfg.device == "cpu")
     device = state.device
-    out = ctx.folder / generator
+    out = ctx.folder / source
     finetune = ctx.upstream("finetune")
-    unet_folder = ctx.upstream("conditional") if generator == "conditional" else \
-        synthesis_unet_folder(cfg, finetune, ctx.upstream("pretrain"))
-    unet, noise_scheduler = load_unet(unet_folder, device)
+    folder = unet_folder(ctx, source)
+    unet, noise_scheduler = load_unet(folder, device)
     vae = load_vae(ctx.upstream("autoencoder"), device)
-    classifier = load_classifier(finetune, device)
-    scales = class_scales(cfg, classes) if generator == "guided" else torch.zeros(len(classes))
+    classifier = load_latent_classifier(finetune, device)
+    scales = class_scales(cfg, classes) if source == "guided" else torch.zeros(len(classes))
     alphas = noise_scheduler.alphas_cumprod
     pred = noise_scheduler.config.prediction_type
-    shas = {"unet_sha256": file_hash(unet_folder / UNET), "classifier_sha256": file_hash(finetune / "classifier")}
+    shas = {"unet_sha256": io.weights_hash(folder / UNET), "classifier_sha256": io.weights_hash(finetune / CLASSIFIER)}
     cls_of = dict(todo_plan)
     done = _done_indices(out)
     mine = [k for k, _ in todo_plan[state.process_index::state.num_processes] if k not in done]
 
     def make_eps(batch: np.ndarray):
         y = torch.as_tensor([cls_of[int(k)] for k in batch], device=device)
-        base = unet_eps_fn(unet, pred, alphas, class_labels=y if generator == "conditional" else None)
-        if generator != "guided":
+        base = unet_eps_fn(unet, pred, alphas, class_labels=y if source == "conditional" else None)
+        if source != "guided":
             return base
         return guided_eps(base, classifier, y, scales.to(device)[y], alphas, cfg.synthesize.guidance_max_timestep)
 
@@ -106,36 +105,32 @@ def synthesize_one(cfg: ExperimentConfig, ctx: StageContext, generator: str, cla
     part.parent.mkdir(parents=True, exist_ok=True)
     new_file = not part.is_file()
     s = cfg.sampling
-    with open(part, "a", newline="") as f, progress_bar(f"synthesize {generator}", total=len(mine),
+    with open(part, "a", newline="") as f, progress_bar(f"synthesize {source}", total=len(mine),
                                                          enabled=state.is_main_process, unit="tiles") as advance:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
-        for batch, tiles, z_0 in generate(make_eps, vae, noise_scheduler, _latent_shape(unet), mine, cfg.seed, s,
-                                          device):
+        for batch, tiles, z_0 in sample_batches(make_eps, vae, noise_scheduler, latent_shape(unet), mine, cfg.seed,
+                                                **s.model_dump(), device=device):
             y = torch.as_tensor([cls_of[int(k)] for k in batch], device=device)
             with torch.no_grad():
                 probs = classifier(z_0.float(), torch.zeros(len(batch), dtype=torch.long, device=device)).softmax(-1)
             for k, tile, c, p in zip(batch, tiles, y.tolist(), probs[torch.arange(len(y)), y].tolist(), strict=True):
                 rel = f"tiles/{classes[c]}/{int(k):06d}.png"
                 save_png(out / rel, tile)
-                writer.writerow({"path": rel, "label": classes[c], "index": int(k), "generator": generator,
+                writer.writerow({"path": rel, "label": classes[c], "index": int(k), "source": source,
                                  "guidance_scale": float(scales[c]), "sampler": s.sampler, "num_steps": s.num_steps,
                                  "eta": s.eta, "target_prob": round(p, 5), **shas})
             f.flush()
             advance(len(batch))
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge(out, classes)
+        _merge(out)
     state.wait_for_everyone()
     return out
 
 
-def _latent_shape(unet) -> tuple[int, int, int]:
-    return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-
-
-def _merge(out: Path, classes: list[str]) -> None:
+def _merge(out: Path) -> None:
     rows = sorted(_done_indices(out).values(), key=lambda r: int(r["index"]))
     with io.atomic_path(out / "manifest.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -145,8 +140,6 @@ def _merge(out: Path, classes: list[str]) -> None:
 
 def class_grid(folder: Path, real: dict[str, np.ndarray], classes: list[str], ncol: int = 8) -> Path:
     """Real tiles beside synthetic tiles, one pair of rows per class."""
-    from PIL import Image
-
     rows = read_manifest_rows(folder / "manifest.csv")
     parts = []
     for c in classes:
@@ -154,53 +147,35 @@ def class_grid(folder: Path, real: dict[str, np.ndarray], classes: list[str], nc
         if not paths:
             continue
         parts.append((f"real {c}", real[c][:ncol]))
-        parts.append((f"synthetic {c}", np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])))
+        parts.append((f"synthetic {c}", np.stack([read_rgb(p) for p in paths])))
     return save_image(labeled_rows(parts, ncol, scale=2), folder / "grid.png")
 
 
-def read_manifest_rows(path: Path) -> list[dict]:
-    """Rows of a synthesis manifest."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def real_examples(data: Path, split: str, classes: list[str], n: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to ``n`` real tiles per class of a split, from the tile cache."""
-    cache, rows, labels = split_rows(data, split)
-    out = {}
-    rng = np.random.default_rng(seed)
-    for i, c in enumerate(classes):
-        members = rows[labels == i]
-        pick = rng.permutation(len(members))[:n]
-        out[c] = cache.take(members[np.sort(pick)])
-    return out
-
-
 def run(ctx: StageContext) -> dict:
-    """Synthesize every configured generator's tiles; write manifests and real-vs-synthetic grids."""
+    """Synthesize every configured source's tiles; write manifests and real-vs-synthetic grids."""
     cfg = ctx.cfg
     data = ctx.upstream("data")
-    classes = io.read_json(data / "classes.json")
+    classes = classes_of(data)
     labeled = split_records(data, f"labeled/{ctx.budget_name}")
     counts = {c: sum(r.label == c for r in labeled) for c in classes}
     todo = plan(cfg, classes, counts)
     real = real_examples(data, f"labeled/{ctx.budget_name}", classes, 8, cfg.seed)
     summary = {"per_class": {c: sum(1 for _, k in todo if k == i) for i, c in enumerate(classes)}}
-    for generator in cfg.synthesize.generators:
-        out = synthesize_one(cfg, ctx, generator, classes, todo)
+    for source in cfg.synthesize.sources:
+        out = synthesize_source(ctx, source, classes, todo)
         rows = read_manifest_rows(out / "manifest.csv")
         probs = [float(r["target_prob"]) for r in rows]
-        summary[generator] = {"n": len(rows), "mean_target_prob": float(np.mean(probs)) if probs else None}
+        summary[source] = {"n": len(rows), "mean_target_prob": float(np.mean(probs)) if probs else None}
         class_grid(out, real, classes)
-        console.print(f"{generator}: {len(rows)} tiles in {out} (latent classifier's mean p(target) "
-                      f"{summary[generator]['mean_target_prob']:.3f})")
+        console.print(f"{source}: {len(rows)} tiles in {out} (latent classifier's mean p(target) "
+                      f"{summary[source]['mean_target_prob']:.3f})")
     return summary
 
 
 def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
     base = ("data", "labels", "autoencoder", "pretrain", "finetune")
-    return base + (("conditional",) if "conditional" in cfg.synthesize.generators else ())
+    return base + (("conditional",) if "conditional" in cfg.synthesize.sources else ())
 
 
-STAGE = register(Stage("synthesize", ("synthesize", "sampling", "seed"), _upstream, run, per_budget=True,
-                       description="class-guided synthetic tiles", distributed=True))
+STAGE = register(Stage("synthesize", "synthesize", ("synthesize", "sampling", "seed"), _upstream, run,
+                       per_budget=True, description="class-guided synthetic tiles", distributed=True))

@@ -1,0 +1,104 @@
+"""Splits, label budgets and guards (data/splits.py, data/sources.py), on the real shared manifests where possible."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histodiffusion.data import splits as sp
+from histodiffusion.data.sources import Record, read_imagefolder, read_named
+from histodiffusion.errors import UserError
+from tests.helpers import write_image
+
+
+@pytest.fixture(scope="module")
+def ebhi(data_root: Path) -> list[Record]:
+    return read_named("ebhi", data_root)
+
+
+@pytest.fixture(scope="module")
+def pcam(data_root: Path) -> list[Record]:
+    return read_named("pcam", data_root)
+
+
+def test_named_datasets_read_groups_and_splits(ebhi, pcam) -> None:
+    assert len(ebhi) == 2227 and all(r.group and r.group.startswith("GT") for r in ebhi)
+    assert Counter(r.split for r in pcam) == {"train": 12000, "valid": 2907, "test": 2947}
+
+
+def test_group_split_keeps_cases_together_and_is_seeded(ebhi) -> None:
+    splits, mode = sp.split_target(ebhi, "auto", (0.6, 0.2, 0.2), seed=0)
+    assert mode == "group"
+    sp.check_group_leakage(splits)  # does not raise
+    groups = {s: {r.group for r in rs} for s, rs in splits.items()}
+    assert not (groups["train"] & groups["test"]) and not (groups["valid"] & groups["test"])
+    assert sum(len(v) for v in splits.values()) == len(ebhi)
+    n = len(ebhi)
+    assert abs(len(splits["train"]) / n - 0.6) < 0.06 and abs(len(splits["test"]) / n - 0.2) < 0.06
+    for s in sp.SPLITS:  # every class reaches every split
+        assert {r.label for r in splits[s]} == {r.label for r in ebhi}
+    again, _ = sp.split_target(ebhi, "group", (0.6, 0.2, 0.2), seed=0)
+    other, _ = sp.split_target(ebhi, "group", (0.6, 0.2, 0.2), seed=1)
+    assert [r.path for r in again["test"]] == [r.path for r in splits["test"]]
+    assert {r.path for r in other["test"]} != {r.path for r in splits["test"]}
+
+
+def test_group_leakage_is_refused(ebhi) -> None:
+    splits, _ = sp.split_target(ebhi, "group", (0.6, 0.2, 0.2), seed=0)
+    leaked = splits["train"][0]
+    splits["test"].append(leaked.with_(split="test"))
+    with pytest.raises(UserError, match=f"case '{leaked.group}' is in both the train and the test split"):
+        sp.check_group_leakage(splits)
+
+
+def test_pcam_labeled_budgets_are_stratified_and_nested(pcam) -> None:
+    splits, mode = sp.split_target(pcam, "auto", (0.6, 0.2, 0.2), seed=0)
+    assert mode == "own"
+    one = sp.labeled_subset(splits["train"], 0.01, seed=0)
+    five = sp.labeled_subset(splits["train"], 0.05, seed=0)
+    assert Counter(r.label for r in one) == {"0_no_tumor": 60, "1_metastatic_tumor": 60}
+    assert len(five) == 600
+    assert {r.path for r in one} <= {r.path for r in five}
+    assert {r.path for r in sp.labeled_subset(splits["train"], 0.01, seed=1)} != {r.path for r in one}
+    assert Counter(r.label for r in sp.labeled_subset(splits["train"], 7, seed=0)) == {
+        "0_no_tumor": 7, "1_metastatic_tumor": 7}
+
+
+def test_class_missing_from_labeled_subset_is_refused(ebhi) -> None:
+    splits, _ = sp.split_target(ebhi, "group", (0.6, 0.2, 0.2), seed=0)
+    tiny = sp.labeled_subset(splits["train"], 0.01, seed=0)  # 1% of 50 Normal images rounds to 0
+    with pytest.raises(UserError, match=r"class 'Normal' has no labeled images at budget 0\.01"):
+        sp.check_classes_present(tiny, splits["train"], 0.01)
+
+
+def test_target_file_in_pool_is_refused(ebhi, data_root: Path) -> None:
+    pool = read_named("kather2016", data_root) + [ebhi[3].with_(source="sneaky", label=None)]
+    with pytest.raises(UserError, match=r"1 file\(s\) of the target dataset 'ebhi' are in the pre-training pool"):
+        sp.check_pool_disjoint(pool, ebhi, "ebhi")
+    sp.check_pool_disjoint(read_named("kather2016", data_root), ebhi, "ebhi")
+
+
+def test_stratified_split_without_groups(data_root: Path) -> None:
+    nct = read_named("nct_crc_he", data_root)
+    splits, mode = sp.split_target(nct, "auto", (0.6, 0.2, 0.2), seed=0)
+    assert mode == "stratified"
+    assert sum(map(len, splits.values())) == len(nct) == 158
+    for s in sp.SPLITS:
+        assert len({r.label for r in splits[s]}) == 9
+
+
+def test_imagefolder_empty_class_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "ADI").mkdir()
+    write_image(tmp_path / "TUM" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(UserError, match=r"class folder .*ADI holds no images"):
+        read_imagefolder(tmp_path)
+
+
+def test_weighted_sample_prefers_heavier_sources() -> None:
+    records = [Record(f"a{i}", weight=1.0) for i in range(500)] + [Record(f"b{i}", weight=9.0) for i in range(500)]
+    picked = sp.weighted_sample(records, 200, seed=0)
+    assert len(picked) == 200
+    assert sum(r.path.startswith("b") for r in picked) > 150

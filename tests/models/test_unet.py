@@ -1,0 +1,34 @@
+"""The denoising UNet (models/unet.py): attention at the named latent sizes, and a save/load round trip
+with its training scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from histodiffusion.errors import UserError
+from histodiffusion.models.unet import SCHEDULER, UNET, build_unet, load_unet, save_unet
+
+
+def test_attention_sits_at_the_named_latent_sizes() -> None:
+    unet = build_unet(8, 3, channels=[16, 32], layers_per_block=1, attention_resolutions=[4], attention_head_dim=8,
+                      norm_num_groups=8, num_classes=2)
+    assert list(unet.config.down_block_types) == ["DownBlock2D", "AttnDownBlock2D"]  # 8 x 8, then 4 x 4
+    assert list(unet.config.up_block_types) == ["AttnUpBlock2D", "UpBlock2D"]
+    assert unet.config.num_class_embeds == 2 and unet.config.in_channels == unet.config.out_channels == 3
+
+
+def test_save_and_load_round_trip(tmp_path: Path, tiny_unet, train_scheduler) -> None:
+    save_unet(tiny_unet, train_scheduler, tmp_path)
+    assert (tmp_path / UNET / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / SCHEDULER / "scheduler_config.json").is_file()
+    unet, scheduler = load_unet(tmp_path)
+    assert not unet.training
+    for (name, a), b in zip(tiny_unet.state_dict().items(), unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(scheduler.alphas_cumprod, train_scheduler.alphas_cumprod)
+    assert scheduler.config.prediction_type == train_scheduler.config.prediction_type
+    with pytest.raises(UserError, match="no trained UNet at"):
+        load_unet(tmp_path / "elsewhere")

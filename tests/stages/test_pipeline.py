@@ -1,0 +1,113 @@
+"""The whole pipeline (stages/registry.py ``run_pipeline``): on the smoke config, and on the README's
+quickstart config over a PathMNIST-format file the test writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from histodiffusion.config import config_from_dict
+from histodiffusion.rundir import RunDir
+from histodiffusion.stages import run_pipeline, run_stage
+from tests.helpers import CONFIGS
+
+
+def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
+    """`histodiffusion run` on the tiny config: the run tree and the report's keys."""
+    rd = RunDir(tmp_path / "run")
+    run_pipeline(smoke_cfg, rd)
+    b = "8perclass"
+    for path in ("config.yaml", "environment.json", "data/DONE", "autoencoder/vae/config.json", "latents/DONE",
+                 "pretrain/unet/config.json", f"finetune/{b}/classifier/config.json", f"finetune/{b}/adapt/unet",
+                 f"conditional/{b}/unet/config.json", f"synthesize/{b}/guided/manifest.csv",
+                 f"synthesize/{b}/unguided/manifest.csv", f"select/{b}/guided/accepted.csv",
+                 f"select/{b}/guided/rejected.csv", f"evaluate/{b}/summary.json", "features/encoder/config.json",
+                 f"generation/{b}/generation.json", f"generation/{b}/closest_guided.png", "report/report.md",
+                 "report/pool_tiles.png", "report/report.html", "report/results.json"):
+        assert (rd.root / path).exists(), path
+    summary = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())
+    assert set(summary) >= {"task", "label_budget", "n_seeds", "arms", "paired_gain_vs_real"}
+    assert set(summary["arms"]) == {"real", "real+synthetic", "real+selected", "real+conditional_no_pretrain"}
+    for arm in summary["arms"].values():
+        assert {"accuracy", "balanced_accuracy", "macro_f1", "auroc"} <= set(arm)
+        assert set(arm["accuracy"]) >= {"mean", "ci_low", "ci_high"}
+    assert len(list((rd.root / "evaluate" / b / "runs").glob("*.json"))) == 8
+    results = json.loads((rd.root / "report" / "results.json").read_text())
+    assert set(results) >= {"experiment", "data", "autoencoder", "pretrain", "budgets", "wall_seconds"}
+    assert set(results["budgets"][b]) >= {"latent_classifier", "acceptance_guided", "evaluation", "generation"}
+    gen = results["budgets"][b]["generation"]
+    assert set(gen["histology"]["sets"]) == {"unguided", "guided", "conditional", "selected"}
+    assert gen["histology"]["floor"]["n_real"] == 32 and gen["inception"] is None
+    assert set(gen["histology"]["per_class"]) == {"0_no_tumor", "1_metastatic_tumor"}
+    assert gen["memorization"]["guided"]["n_synthetic"] == 8
+    html = (rd.root / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "real+selected" in html
+    # A second run skips every stage.
+    run_pipeline(smoke_cfg, rd)
+    # A selection that accepts nothing leaves real+selected with the real subset alone: that arm
+    # reuses the real arm's runs (the same training, bit for bit) instead of training again.
+    accepted = rd.root / "select" / b / "guided" / "accepted.csv"
+    accepted.write_text(accepted.read_text().splitlines()[0] + "\n")
+    cfg = smoke_cfg.model_copy(update={"evaluate": smoke_cfg.evaluate.model_copy(
+        update={"arms": ["real+selected", "real"]})})
+    run_stage("evaluate", cfg, rd, force=True)
+    runs = {p.stem: json.loads(p.read_text()) for p in (rd.root / "evaluate" / b / "runs").glob("*.json")}
+    assert sorted(runs) == ["real+selected-seed0", "real+selected-seed1", "real-seed0", "real-seed1"]
+    for seed in (0, 1):
+        reused, real = runs[f"real+selected-seed{seed}"], runs[f"real-seed{seed}"]
+        assert reused["same_as"] == "real" and reused["n_synthetic"] == 0 and reused["test"] == real["test"]
+    gain = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())["paired_gain_vs_real"]
+    assert gain["real+selected"]["accuracy"]["mean"] == 0.0
+    # A label budget added to a finished run: the pool-only stages (data, autoencoder, latents,
+    # pretrain, features) stay done; only the new budget's subset and its own stages run, and the
+    # report is rebuilt over both budgets.
+    shared = {s: (rd.root / s / "DONE").read_text()
+              for s in ("data", "autoencoder", "latents", "pretrain", "features", f"evaluate/{b}")}
+    wider = cfg.model_copy(deep=True)
+    wider.data.target.budgets = [8, 4]
+    run_pipeline(wider, rd)
+    assert {s: (rd.root / s / "DONE").read_text() for s in shared} == shared
+    assert (rd.root / "evaluate" / "4perclass" / "DONE").is_file()
+    assert set(json.loads((rd.root / "report" / "results.json").read_text())["budgets"]) == {b, "4perclass"}
+    small = (rd.root / "labels" / "4perclass" / "labeled.csv").read_text().splitlines()
+    large = (rd.root / "labels" / "8perclass" / "labeled.csv").read_text().splitlines()
+    assert len(small) == 1 + 8 and set(small) < set(large)  # 4 per class, nested in the 8-per-class subset
+
+
+def write_pathmnist(root: Path, size: int = 64, per_class: dict[str, int] | None = None) -> Path:
+    """A small MedMNIST-format npz: 9 classes, {train,val,test}_{images,labels}."""
+    rng = np.random.default_rng(0)
+    per_class = per_class or {"train": 8, "val": 2, "test": 12}
+    arrays = {}
+    for split, n in per_class.items():
+        labels = np.repeat(np.arange(9), n)
+        # Class-dependent colour so the classes are learnable, plus texture noise.
+        base = np.stack([np.full((size, size, 3), (40 + 20 * k, 200 - 15 * k, 120 + 10 * (k % 3))) for k in labels])
+        images = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    path = root / "pathmnist" / f"pathmnist_{size}.npz"
+    path.parent.mkdir(parents=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def test_quickstart_pipeline_on_pathmnist_format(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_pathmnist(root)
+    raw = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+    # The quickstart's data section as shipped; the training sections at the tiny preset's sizes.
+    tiny = {"experiment": raw["experiment"], "preset": "tiny", "data": raw["data"],
+            "synthesize": {"per_class": 2}, "evaluate": {"arms": ["real", "real+selected"]}}
+    cfg = config_from_dict(tiny, [f"data.root={root}", "data.target.budgets=[2]", "data.pool.0.max_images=40"])
+    rd = RunDir(tmp_path / "run")
+    run_pipeline(cfg, rd)
+    counts = json.loads((rd.root / "data" / "counts.json").read_text())
+    labeled = json.loads((rd.root / "labels" / "2perclass" / "counts.json").read_text())
+    assert len(counts["classes"]) == 9 and labeled["labeled 2perclass"]["total"] == 18
+    assert counts["pool"]["by_source"] == {"pathmnist": 40}
+    assert (rd.root / "report" / "report.html").is_file()
+    summary = json.loads((rd.root / "evaluate" / "2perclass" / "summary.json").read_text())
+    assert set(summary["arms"]) == {"real", "real+selected"}

@@ -1,0 +1,70 @@
+"""The training harness (training/harness.py): the learning-rate schedule and pickle-free checkpoints
+that restore the whole training state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from histodiffusion.errors import UserError
+from histodiffusion.training.harness import EMA, Checkpointer, TrainState, lr_lambda, make_optimizer
+
+
+def test_lr_lambda_warms_up_then_holds_or_decays_to_the_floor() -> None:
+    assert [lr_lambda("constant", 2, 8)(s) for s in range(8)] == [0.5, 1, 1, 1, 1, 1, 1, 1]
+    cosine = lr_lambda("cosine", 2, 10, floor=0.1)
+    assert [cosine(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert cosine(6) == pytest.approx(0.55) and cosine(10) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.1)
+    assert lr_lambda("cosine", 0, 4, floor=0.0)(4) == pytest.approx(0.0)
+
+
+def _state(seed: int) -> TrainState:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    opt, sched = make_optimizer(model.parameters(), 1e-2, 0.01, lr_lambda("cosine", 1, 10))
+    return TrainState(model, opt, sched, EMA(model, 0.9))
+
+
+def _train(state: TrainState, steps: int) -> None:
+    for _ in range(steps):
+        state.model.train()
+        state.model(torch.randn(3, 4)).square().mean().backward()  # dropout draws from the global RNG
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad()
+        state.ema.update(state.model)
+
+
+def test_checkpoint_restores_the_whole_training_state(tmp_path: Path) -> None:
+    """Weights, optimiser moments, schedule, EMA and the global RNG come back from safetensors and
+    JSON files alone, so training on from a checkpoint matches training straight through."""
+    straight = _state(0)
+    _train(straight, 3)
+    ckpt = Checkpointer(tmp_path, keep=1)
+    path = ckpt.save(straight, 3)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "ema.json", "ema.safetensors", "meta.json", "model.safetensors", "optimizer.json",
+        "optimizer.safetensors", "rng-0.safetensors", "schedule.json"]
+    _train(straight, 2)
+
+    resumed = _state(1)  # other initial weights, fresh optimiser, schedule and EMA
+    assert ckpt.resume(resumed) == 3
+    assert resumed.lr_scheduler.last_epoch == 3 and resumed.ema.num_updates == 3
+    _train(resumed, 2)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.shadow.parameters(), resumed.ema.shadow.parameters(), strict=True):
+        assert torch.equal(a, b)
+    ckpt.save(straight, 5)
+    assert [step for step, _ in ckpt.all()] == [5]  # keep=1: only the newest is kept
+
+
+def test_a_damaged_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    state = _state(0)
+    path = Checkpointer(tmp_path, keep=2).save(state, 1)
+    (path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match=r"cannot resume from .*step-0000001.*--force"):
+        Checkpointer(tmp_path, keep=2).resume(_state(0))
+    assert Checkpointer(tmp_path / "nothing", keep=2).resume(_state(0)) == 0
