@@ -135,6 +135,10 @@ class DataCfg(_Section):
     target: TargetCfg
     pool: Annotated[list[SourceCfg], Field(min_length=1)]
     """Unlabeled pre-training sources (labels ignored); must not contain target files."""
+    pool_target_train: bool = False
+    """The practical protocol: add the target's train tiles that are in no label budget's subset,
+    labels dropped, to the pool (a user's own unlabeled cohort). Valid and test tiles never enter
+    the pool. Off: the paper's protocol, the target excluded from pre-training."""
     pool_max: Annotated[int, Field(ge=1)] | None = None
     """Use at most this many pool tiles (weighted, seeded sample), for quick runs."""
     max_bad_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
@@ -369,7 +373,12 @@ class ImageClassifierCfg(_Section):
     backbone: str = "resnet18"
     """timm model name (created with pretrained=False)."""
     steps: Annotated[int, Field(ge=1)] = 600
-    """Optimiser steps (cosine learning-rate decay to 0)."""
+    """Optimiser steps (cosine learning-rate decay to 0); with ``epochs``, the fewest steps."""
+    epochs: Annotated[float, Field(gt=0.0)] | None = None
+    """Scale the steps with the training set: ceil(epochs x tiles / batch_size), at least ``steps``
+    and at most ``max_steps`` (null: always ``steps``)."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """The most steps ``epochs`` may ask for (null: no cap)."""
     batch_size: Annotated[int, Field(ge=1)] = 64
     """Tiles per step."""
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
@@ -404,7 +413,12 @@ class SelectCfg(_Section):
     """At most ratio x (real labeled count) kept tiles per class (the paper tried 0.5, 1 and 3); null: no cap."""
 
 
-ARMS = ("real", "real+synthetic", "real+selected", "real+conditional_no_pretrain")
+ARMS = ("real", "real+synthetic", "real+selected", "real+conditional_no_pretrain", "ssl", "ssl+selected")
+
+
+def rung_name(multiple: float | None) -> str:
+    """Name of a real-label ladder rung: 2 -> 'real@2x', None -> 'real@all'."""
+    return "real@all" if multiple is None else f"real@{multiple:g}x"
 
 
 class EvaluateCfg(_Section):
@@ -414,7 +428,16 @@ class EvaluateCfg(_Section):
     seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2, 3, 4]
     """One run per seed and arm (at least 5 for the confidence intervals the protocol asks for)."""
     arms: Annotated[list[Literal[ARMS]], Field(min_length=1)] = ["real", "real+synthetic", "real+selected"]  # type: ignore[valid-type]
-    """real, real+synthetic (all guided tiles), real+selected, real+conditional_no_pretrain."""
+    """real, real+synthetic (all guided tiles), real+selected, real+conditional_no_pretrain, ssl (the
+    backbone pre-trained self-supervised on the pool, fine-tuned on the real subset), ssl+selected."""
+    ladder: list[Annotated[float, Field(gt=1.0)]] = []
+    """Real-label ladder: real-only arms on nested supersets of the budget's subset with these
+    multiples of its labels (arms ``real@2x``...), for the label-equivalent of every other arm."""
+    ladder_all: bool = False
+    """Also the top rung ``real@all``: the whole train split labeled."""
+    arm_seeds: dict[str, Annotated[int, Field(ge=1)]] = {}
+    """Run an arm on only the first N of ``seeds`` (e.g. the ladder rungs on 5, the headline arms on
+    all 10); keys: arm names (``real@2x``, ``real@all`` for rungs)."""
 
     @field_validator("arms")
     @classmethod
@@ -423,19 +446,46 @@ class EvaluateCfg(_Section):
             raise ValueError("the arms must include 'real' (every gain is measured against it)")
         return v
 
+    def rungs(self) -> list[float | None]:
+        """The ladder's multiples, None for ``real@all``."""
+        return [*sorted(self.ladder), *([None] if self.ladder_all else [])]
+
+    def all_arms(self) -> list[str]:
+        """``arms`` and the ladder rungs, in the order they run (real first)."""
+        return [*self.arms, *(rung_name(m) for m in self.rungs())]
+
+    def seeds_of(self, arm: str) -> list[int]:
+        """The seeds an arm runs on."""
+        return self.seeds[: self.arm_seeds.get(arm, len(self.seeds))]
+
+    @model_validator(mode="after")
+    def _arm_seeds_known(self) -> EvaluateCfg:
+        unknown = sorted(set(self.arm_seeds) - set(self.all_arms()))
+        if unknown:
+            raise ValueError(f"arm_seeds names {unknown}, which are not arms of this evaluation ({self.all_arms()})")
+        return self
+
 
 # ---------------------------------------------------------------------- generation quality
-class GenerationCfg(_Section):
-    """Stages ``features`` and ``generation``: distances between synthetic and real tiles."""
+class FeaturesCfg(_Section):
+    """Stage ``features``: the self-supervised (SimCLR) encoder trained on the pool. It is the
+    feature space of generation quality and the pre-trained backbone of the ``ssl`` arms."""
 
-    encoder_backbone: str = "resnet18"
-    """timm backbone of the self-supervised (SimCLR) histology feature encoder trained on the pool."""
-    encoder_steps: Annotated[int, Field(ge=1)] = 600
+    backbone: str = "resnet18"
+    """timm backbone (the ``ssl`` arms need the downstream classifier's backbone)."""
+    steps: Annotated[int, Field(ge=1)] = 600
     """SimCLR training steps."""
-    encoder_batch_size: Annotated[int, Field(ge=2)] = 64
+    batch_size: Annotated[int, Field(ge=2)] = 64
     """Tiles per SimCLR step (two augmented views each)."""
-    encoder_lr: Annotated[float, Field(gt=0.0)] = 1e-3
-    """Peak AdamW learning rate of the encoder."""
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    """Peak AdamW learning rate (warm-up, then cosine decay to 0)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast dtype of the training step."""
+
+
+class GenerationCfg(_Section):
+    """Stage ``generation``: distances between synthetic and real tiles (in the features stage's encoder)."""
+
     max_real: Annotated[int, Field(ge=4)] = 2000
     """At most this many real held-out (valid) tiles as the reference set (stratified)."""
     inception_weights: str | None = None
@@ -473,6 +523,7 @@ class ExperimentConfig(_Section):
     synthesize: SynthesizeCfg = SynthesizeCfg()
     select: SelectCfg = SelectCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
+    features: FeaturesCfg = FeaturesCfg()
     generation: GenerationCfg = GenerationCfg()
 
     @field_validator("experiment")
@@ -487,10 +538,16 @@ class ExperimentConfig(_Section):
         if "conditional" in self.synthesize.sources and not self.conditional.enabled:
             raise ValueError("synthesize.sources includes 'conditional' but conditional.enabled is false; "
                              "enable the baseline or drop it from the sources")
-        needs = {"real+synthetic": "guided", "real+selected": "guided", "real+conditional_no_pretrain": "conditional"}
+        needs = {"real+synthetic": "guided", "real+selected": "guided", "ssl+selected": "guided",
+                 "real+conditional_no_pretrain": "conditional"}
         for arm in self.evaluate.arms:
             if arm in needs and needs[arm] not in self.synthesize.sources:
                 raise ValueError(f"evaluate.arms has '{arm}', which needs '{needs[arm]}' in synthesize.sources")
+        ssl = [a for a in self.evaluate.arms if a.startswith("ssl")]
+        if ssl and self.features.backbone != self.evaluate.classifier.backbone:
+            raise ValueError(f"evaluate.arms has {ssl}, which fine-tune the features stage's backbone: features.backbone "
+                             f"({self.features.backbone}) must equal evaluate.classifier.backbone "
+                             f"({self.evaluate.classifier.backbone})")
         return self
 
     def to_dict(self) -> dict:

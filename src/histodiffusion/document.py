@@ -128,7 +128,8 @@ def arms_bar_chart(summary: dict, metric: str, path: Path, title: str) -> Path:
     err_high = [(summary["arms"][a][metric]["ci_high"] or summary["arms"][a][metric]["mean"]) * 100 - m
                 for a, m in zip(arms, means, strict=True)]
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(arms), 3.6))
-    colors = ["#9e9e9e", "#b39ddb", "#7a4b94", "#e0a040"][: len(arms)]
+    palette = ["#9e9e9e", "#b39ddb", "#7a4b94", "#e0a040", "#4c9a8a", "#2e6b5e", "#c0c0c0", "#a8a8a8", "#909090"]
+    colors = [palette[i % len(palette)] for i in range(len(arms))]
     ax.bar(arms, means, yerr=[err_low, err_high], capsize=6, color=colors, edgecolor="#333")
     for i, m in enumerate(means):
         ax.text(i, m + err_high[i] + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=9)
@@ -157,4 +158,41 @@ def curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str,
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def ladder_chart(summary: dict, path: Path, title: str) -> Path:
+    """The real-label ladder: test accuracy against labels (log x) with 95% CIs, every other arm as a
+    horizontal line with its CI band, marked on the ladder at its label-equivalent."""
+    ladder = summary["ladder"]
+    xs = [v["labels"] for v in ladder.values()]
+    acc = [v["accuracy"] for v in ladder.values()]
+    ys = [a["mean"] * 100 for a in acc]
+    lo = [(a["mean"] - (a["ci_low"] if a["ci_low"] is not None else a["mean"])) * 100 for a in acc]
+    hi = [((a["ci_high"] if a["ci_high"] is not None else a["mean"]) - a["mean"]) * 100 for a in acc]
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color="#333", capsize=4, lw=1.6, label="real only (ladder)", zorder=3)
+    for x, y, name in zip(xs, ys, ladder, strict=True):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7, color="#333")
+    colors = ["#7a4b94", "#e0a040", "#4c9a8a", "#c0504d", "#4f81bd", "#9bbb59"]
+    others = [a for a in summary["arms"] if a not in ladder]
+    for i, arm in enumerate(others):
+        s = summary["arms"][arm]["accuracy"]
+        c = colors[i % len(colors)]
+        ax.axhline(s["mean"] * 100, color=c, lw=1.2, ls="--", label=arm)
+        if s["ci_low"] is not None:
+            ax.axhspan(s["ci_low"] * 100, s["ci_high"] * 100, color=c, alpha=0.12, lw=0)
+        le = summary.get("label_equivalent", {}).get(arm)
+        if le and le["censored"] == 0:
+            ax.plot([le["mean"] * xs[0]], [s["mean"] * 100], marker="D", color=c, ms=7, zorder=4)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
+    means = ys + [summary["arms"][a]["accuracy"]["mean"] * 100 for a in others]
+    ax.set_ylim(max(0.0, min(means) - 8), min(100.0, max(means) + 8))
+    ax.set_xlabel("real labeled tiles (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)

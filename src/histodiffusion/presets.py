@@ -37,8 +37,8 @@ PRESETS: dict[str, dict] = {
         "conditional": {"train": _train(4, 8, log_every=2, checkpoint_every=4, warmup_steps=1)},
         "select": {"classifier": _TINY_CLASSIFIER, "threshold": 0.5},
         "evaluate": {"classifier": _TINY_CLASSIFIER, "seeds": [0, 1]},
-        "generation": {"encoder_backbone": "resnet10t", "encoder_steps": 3, "encoder_batch_size": 16,
-                       "max_real": 64, "kid_subset_size": 16},
+        "features": {"backbone": "resnet10t", "steps": 3, "batch_size": 16},
+        "generation": {"max_real": 64, "kid_subset_size": 16},
     },
     # A 2-core CPU: one task at one label budget end to end in about two hours (bench/results/pcam-fewlabel/README.md).
     # Objective, normalisation and bf16 chosen by the trials in bench/results/pretrain_trials.
@@ -47,7 +47,8 @@ PRESETS: dict[str, dict] = {
         "autoencoder": {
             "arch": {"downsample_factor": 4, "channels": [32, 64, 64], "latent_channels": 3,
                      "norm_num_groups": 16},
-            "train": _train(2000, 32, lr=1e-3, warmup_steps=100, checkpoint_every=500, ema_decay=0.0),
+            "train": _train(2000, 32, lr=1e-3, warmup_steps=100, checkpoint_every=500, ema_decay=0.0,
+                            mixed_precision="bf16"),
             "train_crop": 32,
         },
         "pretrain": {
@@ -67,7 +68,8 @@ PRESETS: dict[str, dict] = {
                                         mixed_precision="bf16")},
         "select": {"classifier": {"steps": 300, "eval_every": 50, "precision": "bf16"}},
         "evaluate": {"classifier": {"steps": 300, "eval_every": 50, "precision": "bf16"}},
-        "generation": {"encoder_steps": 300, "max_real": 1000},
+        "features": {"steps": 300, "precision": "bf16"},
+        "generation": {"max_real": 1000},
     },
     # The paper's sizes (GPU): 256 px, f=4, 3 latent channels, 192-channel UNet (1,2,2,4,4).
     "paper": {

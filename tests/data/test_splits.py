@@ -102,3 +102,30 @@ def test_weighted_sample_prefers_heavier_sources() -> None:
     picked = sp.weighted_sample(records, 200, seed=0)
     assert len(picked) == 200
     assert sum(r.path.startswith("b") for r in picked) > 150
+
+
+def test_ladder_rungs_are_nested_supersets_of_the_budget(pcam) -> None:
+    """The evaluate stage's real-label ladder: each rung contains the budget's subset and the rung below it."""
+    from histodiffusion.stages.evaluate import ladder_subset, rung_budget
+
+    splits, _ = sp.split_target(pcam, "auto", (0.6, 0.2, 0.2), seed=0)
+    train = splits["train"]
+    assert rung_budget(0.01, 2) == 0.02 and rung_budget(0.4, 4) == 1.0 and rung_budget(8, 2.5) == 20
+    budget = {r.path for r in sp.labeled_subset(train, 0.01, seed=0)}  # what stage labels draws
+    rungs = [{r.path for r in ladder_subset(train, 0.01, m, seed=0)} for m in (2, 4, None)]
+    assert budget < rungs[0] < rungs[1] < rungs[2] == {r.path for r in train}
+    assert [len(r) for r in rungs] == [240, 480, 12000]
+    per_class = Counter(r.label for r in ladder_subset(train, 0.01, 4, seed=0))
+    assert per_class == {"0_no_tumor": 240, "1_metastatic_tumor": 240}
+
+
+def test_practical_protocol_pool_guard(pcam) -> None:
+    """A valid or test tile in the pool is refused; target train tiles outside the budgets are allowed."""
+    splits, _ = sp.split_target(pcam, "auto", (0.6, 0.2, 0.2), seed=0)
+    held_out = splits["valid"] + splits["test"]
+    unlabeled = [r.with_(label=None, split=None, source="pcam train, unlabeled") for r in splits["train"][:50]]
+    sp.check_pool_excludes(unlabeled, held_out, "pcam")
+    for leaked in (splits["valid"][7], splits["test"][3]):
+        pool = unlabeled + [leaked.with_(label=None, source="pcam train, unlabeled")]
+        with pytest.raises(UserError, match=r"1 valid or test file\(s\) of the target 'pcam' would enter the pre-"):
+            sp.check_pool_excludes(pool, held_out, "pcam")

@@ -29,12 +29,25 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
                  "report/pool_tiles.png", "report/report.html", "report/results.json"):
         assert (rd.root / path).exists(), path
     summary = json.loads((rd.root / "evaluate" / b / "summary.json").read_text())
-    assert set(summary) >= {"task", "label_budget", "n_seeds", "arms", "paired_gain_vs_real"}
-    assert set(summary["arms"]) == {"real", "real+synthetic", "real+selected", "real+conditional_no_pretrain"}
+    assert set(summary) >= {"task", "label_budget", "n_seeds", "arms", "paired_gain_vs_real", "label_equivalent",
+                            "headroom", "paired_gain_vs_ssl", "ladder"}
+    synthetic = {"real+synthetic", "real+selected", "real+conditional_no_pretrain", "ssl+selected"}
+    assert set(summary["arms"]) == {"real", "ssl", "real@2x", "real@all"} | synthetic
     for arm in summary["arms"].values():
         assert {"accuracy", "balanced_accuracy", "macro_f1", "auroc"} <= set(arm)
         assert set(arm["accuracy"]) >= {"mean", "ci_low", "ci_high"}
-    assert len(list((rd.root / "evaluate" / b / "runs").glob("*.json"))) == 8
+    # the ladder: nested supersets of the 8-per-class subset (16, 32 per class of 32 in train: 'all')
+    assert summary["n_real"]["real"] == 16 and summary["n_real"]["real@2x"] == 32 and summary["n_real"]["real@all"] == 64
+    assert list(summary["ladder"]) == ["real", "real@2x", "real@all"]
+    assert set(summary["label_equivalent"]) == {"ssl"} | synthetic
+    for le in summary["label_equivalent"].values():
+        assert {"mean", "ci_low", "ci_high"} <= set(le) and 1.0 <= le["ci_low"] <= le["ci_high"] <= 4.0
+    assert summary["headroom"]["rung"] == "real@all"
+    assert summary["headroom"]["accuracy"]["mean"] == summary["paired_gain_vs_real"]["real@all"]["accuracy"]["mean"]
+    assert set(summary["paired_gain_vs_ssl"]) == {"ssl+selected"}
+    written = {p.stem for p in (rd.root / "evaluate" / b / "runs").glob("*.json")}
+    assert written == {f"{a}-seed{s}" for a in summary["arms"] for s in (0, 1)}
+    assert (rd.root / "report" / f"{b}_ladder.png").is_file()
     results = json.loads((rd.root / "report" / "results.json").read_text())
     assert set(results) >= {"experiment", "data", "autoencoder", "pretrain", "budgets", "wall_seconds"}
     assert set(results["budgets"][b]) >= {"latent_classifier", "acceptance_guided", "evaluation", "generation"}
@@ -52,7 +65,7 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
     accepted = rd.root / "select" / b / "guided" / "accepted.csv"
     accepted.write_text(accepted.read_text().splitlines()[0] + "\n")
     cfg = smoke_cfg.model_copy(update={"evaluate": smoke_cfg.evaluate.model_copy(
-        update={"arms": ["real+selected", "real"]})})
+        update={"arms": ["real+selected", "real"], "ladder": [], "ladder_all": False})})
     run_stage("evaluate", cfg, rd, force=True)
     runs = {p.stem: json.loads(p.read_text()) for p in (rd.root / "evaluate" / b / "runs").glob("*.json")}
     assert sorted(runs) == ["real+selected-seed0", "real+selected-seed1", "real-seed0", "real-seed1"]

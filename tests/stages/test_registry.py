@@ -87,4 +87,5 @@ def test_every_stage_and_command_is_registered() -> None:
     assert {stage.command for stage in stages.values()} == set(COMMANDS)
     assert command_stages("data prepare") == ("data", "labels")
     assert command_stages("pretrain") == ("latents", "pretrain")
-    assert command_stages("evaluate-generation") == ("features", "generation")
+    assert command_stages("features") == ("features",)
+    assert command_stages("evaluate-generation") == ("generation",)

@@ -171,6 +171,21 @@ def check_pool_disjoint(pool: Sequence[Record], target: Sequence[Record], target
         )
 
 
+def check_pool_excludes(pool: Sequence[Record], held_out: Sequence[Record], target_name: str) -> None:
+    """Refuse a pre-training pool holding any valid or test file of the target (by path): model
+    selection and the test score must come from tiles no stage has trained on."""
+    held = {str(Path(r.path).resolve()): r.split for r in held_out}
+    inside = [r for r in pool if str(Path(r.path).resolve()) in held]
+    if inside:
+        shown = "\n  ".join(f"{r.path} ({held[str(Path(r.path).resolve())]} split, pool source '{r.source}')"
+                            for r in inside[:5])
+        raise UserError(
+            f"{len(inside)} valid or test file(s) of the target '{target_name}' would enter the pre-training pool:\n"
+            f"  {shown}\nValid and test tiles must never be trained on. Restrict the pool source with 'splits:' "
+            "or remove it from data.pool."
+        )
+
+
 def check_classes_present(labeled: Sequence[Record], train: Sequence[Record], budget: int | float) -> None:
     """Refuse a label budget that leaves a class with no labeled image."""
     have = Counter(r.label for r in labeled)

@@ -113,6 +113,15 @@ def _pool(cfg: ExperimentConfig, root: Path, folder: Path, target_all: list[Reco
     return pool
 
 
+def target_train_unlabeled(cfg: ExperimentConfig, train: list[Record]) -> list[Record]:
+    """The practical protocol's pool addition: the target's train tiles in no label budget's subset
+    (drawn as stage ``labels`` draws them), labels and case ids dropped."""
+    t = cfg.data.target
+    labeled = {r.path for b in t.budgets for r in sp.labeled_subset(train, b, cfg.seed)}
+    return [r.with_(label=None, group=None, split=None, source=f"{t.name} train, unlabeled", weight=1.0)
+            for r in train if r.path not in labeled]
+
+
 def _cached(records: list[Record], name: str, ctx: StageContext) -> list[Record]:
     d = ctx.cfg.data
     build_cache(records, d.resolution, ctx.folder / "cache" / name, d.cache_shard_size, d.max_bad_fraction,
@@ -130,6 +139,9 @@ def run(ctx: StageContext) -> dict:
     sp.check_group_leakage(splits)
     pool = _pool(cfg, root, ctx.folder, target_all)
     splits = {s: _cached(splits[s], s, ctx) for s in EVAL_SPLITS}
+    if cfg.data.pool_target_train:
+        pool += target_train_unlabeled(cfg, splits["train"])
+    sp.check_pool_excludes(pool, splits["valid"] + splits["test"], cfg.data.target.name)
     pool = _cached(pool, "pool", ctx)
     for s in EVAL_SPLITS:
         write_manifest(ctx.folder / f"{s}.csv", splits[s])
@@ -153,5 +165,10 @@ def run(ctx: StageContext) -> dict:
     return summary
 
 
+def _exclude(cfg: ExperimentConfig) -> tuple[str, ...]:
+    # The budgets only change the pool in the practical protocol (their subsets stay out of it).
+    return () if cfg.data.pool_target_train else ("data.target.budgets",)
+
+
 STAGE = register(Stage("data", "data prepare", ("data", "seed"), (), run, description="manifests and tile caches",
-                       exclude=("data.target.budgets",)))
+                       exclude=_exclude))

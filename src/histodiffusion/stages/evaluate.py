@@ -1,100 +1,208 @@
-"""Stage ``evaluate``: does adding synthetic tiles help a classifier trained on few labels?
+"""Stage ``evaluate``: what are synthetic tiles worth to a classifier trained on few labels?
 
-Every arm trains the same downstream classifier (same backbone, steps, augmentation, seeds) on
+Every arm trains the same downstream classifier (same backbone, recipe, augmentation, seeds) on
 the real labeled subset plus that arm's synthetic tiles, selects its checkpoint on the valid
 split, and is scored once on the test split. Seeds pair the arms: seed k uses the same
 initialisation and batch randomness in every arm, so the paired difference removes seed noise.
+
+Beside the synthetic arms: a real-label ladder (``real@2x``, ``real@4x``, ``real@all``: real-only
+training on nested supersets of the budget's subset) gives every arm a label-equivalent, and the
+``ssl`` arms start from the backbone pre-trained self-supervised on the same pool (stage
+``features``), the competing use of the unlabeled tiles.
+
 Each (arm, seed) run is written as soon as it finishes; an interrupted stage resumes there.
+Under ``accelerate launch`` the runs are shared out among the processes.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
+from accelerate import PartialState
 
 from histodiffusion import io
-from histodiffusion.config import ExperimentConfig
-from histodiffusion.data.prepared import classes_of, load_synthetic, split_tiles
+from histodiffusion.config import ExperimentConfig, rung_name
+from histodiffusion.data import splits as sp
+from histodiffusion.data.prepared import (
+    classes_of,
+    load_synthetic,
+    split_records,
+    split_rows,
+    split_tiles,
+)
 from histodiffusion.devices import inference_device, machine
-from histodiffusion.metrics.arms import summarize
+from histodiffusion.metrics.arms import arm_summaries, label_equivalents, paired_gains
 from histodiffusion.metrics.classification import classification_metrics
+from histodiffusion.models.feature_encoder import ENCODER, load_encoder
 from histodiffusion.models.tile_classifier import predict_logits, softmax
 from histodiffusion.progress import console
 from histodiffusion.stages.registry import Stage, StageContext, register
-from histodiffusion.training.tile_classifier import train_tile_classifier
+from histodiffusion.training.tile_classifier import steps_for, train_tile_classifier
 
 
-def synthetic_for(arm: str, ctx: StageContext, classes: list[str]) -> tuple[np.ndarray | None, np.ndarray]:
-    """The synthetic tiles and labels an arm adds to the real subset (None for 'real' or an empty set)."""
-    if arm == "real":
-        return None, np.zeros(0, np.int64)
+@dataclass
+class Arm:
+    """What one arm trains on: real tiles (the subset or a ladder rung), synthetic tiles, and the
+    backbone it starts from (None: from scratch)."""
+
+    name: str
+    tiles: np.ndarray
+    labels: np.ndarray
+    n_real: int
+    n_synthetic: int
+    ssl: bool = False
+    same_as: str | None = None  # an arm that adds no synthetic tile is this arm, run for run
+
+
+def rung_budget(budget: int | float, multiple: float) -> int | float:
+    """The label budget of a ladder rung: ``multiple`` x a fraction (at most 1) or x a count per class."""
+    if isinstance(budget, int):
+        return int(round(budget * multiple))
+    return min(1.0, budget * multiple)
+
+
+def ladder_subset(train: list, budget: int | float, multiple: float | None, seed: int) -> list:
+    """A rung's labeled records: drawn like the budget's subset (so they contain it), or all of train."""
+    return list(train) if multiple is None else sp.labeled_subset(train, rung_budget(budget, multiple), seed)
+
+
+def _synthetic(ctx: StageContext, arm: str, classes: list[str]) -> tuple[np.ndarray | None, np.ndarray]:
     if arm == "real+synthetic":
         manifest = ctx.upstream("synthesize") / "guided" / "manifest.csv"
     else:
-        manifest = ctx.upstream("select") / ("guided" if arm == "real+selected" else "conditional") / "accepted.csv"
+        source = "conditional" if arm == "real+conditional_no_pretrain" else "guided"
+        manifest = ctx.upstream("select") / source / "accepted.csv"
     _, tiles, labels = load_synthetic(manifest, classes)
     return (tiles if len(labels) else None), labels
 
 
-def run(ctx: StageContext) -> dict:
-    """Train and test every (arm, seed); write runs/*.json and summary.json."""
+def build_arms(ctx: StageContext, classes: list[str]) -> list[Arm]:
+    """Every arm of the config with its training set, ``real`` first."""
     cfg, e = ctx.cfg, ctx.cfg.evaluate
     data = ctx.upstream("data")
-    classes = classes_of(data)
-    device = inference_device(cfg.device)
     real_tiles, real_labels = split_tiles(data, f"labeled/{ctx.budget_name}")
-    valid_tiles, valid_labels = split_tiles(data, "valid", e.classifier.eval_max, cfg.seed)
-    test_tiles, test_labels = split_tiles(data, "test")
-    runs, real_runs = [], {}
-    for arm in sorted(e.arms, key=lambda a: a != "real"):  # real first: an arm with no tiles reuses its runs
-        syn_tiles, syn_labels = synthetic_for(arm, ctx, classes)
-        tiles = real_tiles if syn_tiles is None else np.concatenate([real_tiles, syn_tiles])
-        labels = np.concatenate([real_labels, syn_labels])
-        same_as_real = arm != "real" and syn_tiles is None and "real" in e.arms
-        if same_as_real:
-            console.print(f"[yellow]{ctx.budget_name} {arm}: the selection accepted no synthetic tiles, so this arm "
-                          "trains on the real subset alone, exactly like 'real' (same seeds); reusing its runs[/]")
-        for seed in e.seeds:
-            out = ctx.folder / "runs" / f"{arm}-seed{seed}.json"
-            if out.is_file():
-                runs.append(json.loads(out.read_text()))
-                if arm == "real":
-                    real_runs[seed] = runs[-1]
-                continue
-            if same_as_real:
-                record = {**real_runs[seed], "arm": arm, "same_as": "real", "seconds": 0.0}
-                io.write_json(out, record)
-                runs.append(record)
-                continue
-            t0 = time.time()
-            clf = train_tile_classifier(tiles, labels, valid_tiles, valid_labels, len(classes), seed,
-                                        **e.classifier.model_dump(exclude={"eval_max"}), device=device,
-                                        description=f"{ctx.budget_name} {arm} seed {seed}")
-            probs = softmax(predict_logits(clf.model, test_tiles, device, precision=e.classifier.precision))
-            record = {"arm": arm, "seed": seed, "n_real": int(len(real_labels)), "n_synthetic": int(len(syn_labels)),
-                      "best_step": clf.best_step, "valid": clf.best_valid,
-                      "test": classification_metrics(probs, test_labels, classes),
-                      "seconds": round(time.time() - t0, 1)}
-            io.write_json(out, record)
-            runs.append(record)
-            if arm == "real":
-                real_runs[seed] = record
-            console.print(f"{ctx.budget_name} {arm} seed {seed}: test accuracy {record['test']['accuracy']:.4f}, "
-                          f"balanced {record['test']['balanced_accuracy']:.4f} ({record['seconds']}s)")
-    arms, gains = summarize(runs, list(e.arms))
-    result = {"task": cfg.experiment, "label_budget": ctx.budget_name, "n_seeds": len(e.seeds), "arms": arms,
-              "paired_gain_vs_real": gains, "n_test": int(len(test_labels)),
-              "n_synthetic": {a: next(r["n_synthetic"] for r in runs if r["arm"] == a) for a in e.arms},
-              "machine": machine()}
+    arms = []
+    for name in sorted(e.arms, key=lambda a: a != "real"):
+        ssl = name.startswith("ssl")
+        if name in ("real", "ssl"):
+            arms.append(Arm(name, real_tiles, real_labels, len(real_labels), 0, ssl))
+            continue
+        syn_tiles, syn_labels = _synthetic(ctx, name, classes)
+        base = "ssl" if ssl else "real"
+        if syn_tiles is None:
+            arms.append(Arm(name, real_tiles, real_labels, len(real_labels), 0, ssl,
+                            same_as=base if base in e.arms else None))
+            continue
+        arms.append(Arm(name, np.concatenate([real_tiles, syn_tiles]), np.concatenate([real_labels, syn_labels]),
+                        len(real_labels), len(syn_labels), ssl))
+    if e.rungs():
+        cache, _, _ = split_rows(data, "train")
+        train = split_records(data, "train")
+        for multiple in e.rungs():
+            records = ladder_subset(train, ctx.budget, multiple, cfg.seed)
+            labels = np.array([classes.index(r.label) for r in records], dtype=np.int64)
+            arms.append(Arm(rung_name(multiple), cache.take(cache.rows([r.path for r in records])), labels,
+                            len(labels), 0))
+    return arms
+
+
+def _run_one(ctx: StageContext, arm: Arm, seed: int, valid: tuple, test: tuple, classes: list[str],
+             backbone: dict | None, device) -> dict:
+    e = ctx.cfg.evaluate
+    t0 = time.time()
+    clf = train_tile_classifier(arm.tiles, arm.labels, *valid, len(classes), seed,
+                                **e.classifier.model_dump(exclude={"eval_max"}),
+                                init_backbone=backbone if arm.ssl else None, device=device,
+                                description=f"{ctx.budget_name} {arm.name} seed {seed}")
+    probs = softmax(predict_logits(clf.model, test[0], device, precision=e.classifier.precision))
+    return {"arm": arm.name, "seed": seed, "n_real": arm.n_real, "n_synthetic": arm.n_synthetic,
+            "steps": steps_for(len(arm.labels), e.classifier.steps, e.classifier.batch_size, e.classifier.epochs,
+                               e.classifier.max_steps),
+            "best_step": clf.best_step, "valid": clf.best_valid,
+            "test": classification_metrics(probs, test[1], classes), "seconds": round(time.time() - t0, 1)}
+
+
+def run(ctx: StageContext) -> dict:
+    """Train and test every (arm, seed) (shared out among processes); write runs/*.json and summary.json."""
+    cfg, e = ctx.cfg, ctx.cfg.evaluate
+    state = PartialState(cpu=cfg.device == "cpu")
+    data = ctx.upstream("data")
+    classes = classes_of(data)
+    device = state.device if state.num_processes > 1 else inference_device(cfg.device)
+    arms = build_arms(ctx, classes)
+    valid = split_tiles(data, "valid", e.classifier.eval_max, cfg.seed)
+    test = split_tiles(data, "test")
+    backbone = None
+    if any(a.ssl for a in arms):
+        backbone = load_encoder(ctx.upstream("features") / ENCODER).backbone.state_dict()
+    todo = [(a, s) for a in arms if a.same_as is None for s in e.seeds_of(a.name)
+            if not (ctx.folder / "runs" / f"{a.name}-seed{s}.json").is_file()]
+    for arm, seed in todo[state.process_index::state.num_processes]:
+        record = _run_one(ctx, arm, seed, valid, test, classes, backbone, device)
+        io.write_json(ctx.folder / "runs" / f"{arm.name}-seed{seed}.json", record)
+        console.print(f"{ctx.budget_name} {arm.name} seed {seed}: test accuracy {record['test']['accuracy']:.4f}, "
+                      f"balanced {record['test']['balanced_accuracy']:.4f} ({record['steps']} steps, "
+                      f"{record['seconds']}s)")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    runs = []
+    for arm in arms:
+        for seed in e.seeds_of(arm.name):
+            out = ctx.folder / "runs" / f"{arm.name}-seed{seed}.json"
+            if not out.is_file():  # an arm that is its base arm, run for run: a copy of that record
+                base = json.loads((ctx.folder / "runs" / f"{arm.same_as}-seed{seed}.json").read_text())
+                io.write_json(out, {**base, "arm": arm.name, "n_synthetic": 0, "same_as": arm.same_as,
+                                    "seconds": 0.0})
+            runs.append(json.loads(out.read_text()))
+    for arm in arms:
+        if arm.same_as:
+            console.print(f"[yellow]{ctx.budget_name} {arm.name}: the selection accepted no synthetic tiles, so this "
+                          f"arm trains on exactly what '{arm.same_as}' trains on (same seeds); its runs are reused[/]")
+    result = summarize(cfg, ctx.budget_name, arms, runs, len(test[1]))
     io.write_json(ctx.folder / "summary.json", result)
-    return {"summary": "summary.json", "accuracy": {a: arms[a]["accuracy"]["mean"] for a in e.arms}}
+    return {"summary": "summary.json", "accuracy": {a: s["accuracy"]["mean"] for a, s in result["arms"].items()}}
+
+
+def summarize(cfg: ExperimentConfig, budget_name: str, arms: list[Arm], runs: list[dict], n_test: int) -> dict:
+    """Every arm's mean and 95% CI, paired gains vs real (and ssl+selected vs ssl), the ladder, each
+    arm's label-equivalent and the headroom (real@all - real)."""
+    e = cfg.evaluate
+    names = [a.name for a in arms]
+    rungs = [rung_name(m) for m in e.rungs()]
+    accuracy = {a: [r["test"]["accuracy"] for r in runs if r["arm"] == a] for a in names}
+    n_real = {a.name: a.n_real for a in arms}
+    result = {"task": cfg.experiment, "label_budget": budget_name, "n_seeds": {a: len(accuracy[a]) for a in names},
+              "arms": arm_summaries(runs, names), "paired_gain_vs_real": paired_gains(runs, names, "real"),
+              "n_test": n_test, "n_real": n_real, "n_synthetic": {a.name: a.n_synthetic for a in arms},
+              "steps": {a: next(r.get("steps") for r in runs if r["arm"] == a) for a in names},
+              "valid_accuracy": {a: float(np.mean([r["valid"]["valid_accuracy"] for r in runs if r["arm"] == a]))
+                                 for a in names},
+              "machine": machine()}
+    if "ssl" in names and "ssl+selected" in names:
+        result["paired_gain_vs_ssl"] = paired_gains(runs, ["ssl+selected"], "ssl")
+    if rungs:
+        ladder = {a: (n_real[a], accuracy[a]) for a in ["real", *rungs]}
+        result["ladder"] = {a: {"labels": n, "accuracy": result["arms"][a]["accuracy"]} for a, (n, _) in ladder.items()}
+        others = {a: accuracy[a] for a in names if a not in ladder}
+        result["label_equivalent"] = label_equivalents(others, ladder, n_real["real"])
+        top = rungs[-1]
+        result["headroom"] = {"rung": top, **result["paired_gain_vs_real"][top]}
+    return result
 
 
 def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
-    return ("data", "labels", "synthesize", "select") if set(cfg.evaluate.arms) - {"real"} else ("data", "labels")
+    arms = set(cfg.evaluate.arms)
+    out = ("data", "labels")
+    if arms - {"real", "ssl"}:
+        out += ("synthesize", "select")
+    if any(a.startswith("ssl") for a in arms):
+        out += ("features",)
+    return out
 
 
 STAGE = register(Stage("evaluate", "evaluate", ("evaluate", "seed"), _upstream, run, per_budget=True,
-                       description="downstream classifier per arm and seed, test metrics with CIs"))
+                       description="downstream classifier per arm and seed, test metrics with CIs", distributed=True))

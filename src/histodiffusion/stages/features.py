@@ -1,5 +1,6 @@
 """Stage ``features``: the self-supervised (SimCLR) histology encoder trained on the pool tiles
-(labels never used): the feature space of generation quality."""
+(labels never used): the feature space of generation quality, and the pre-trained backbone of the
+``ssl`` arms of stage ``evaluate``."""
 
 from __future__ import annotations
 
@@ -14,16 +15,14 @@ from histodiffusion.training.simclr import train_feature_encoder
 
 def run(ctx: StageContext) -> dict:
     """Train the encoder on every pool tile and save it (diffusers-style folder)."""
-    g = ctx.cfg.generation
+    f = ctx.cfg.features
     cache = pool_tiles(ctx.upstream("data"))
     pool = cache.take(np.arange(len(cache)))
-    encoder = train_feature_encoder(pool, g.encoder_steps, g.encoder_batch_size, g.encoder_lr, ctx.cfg.seed,
-                                    g.encoder_backbone, inference_device(ctx.cfg.device), folder=ctx.folder)
+    encoder = train_feature_encoder(pool, f.steps, f.batch_size, f.lr, ctx.cfg.seed, f.backbone,
+                                    inference_device(ctx.cfg.device), folder=ctx.folder, precision=f.precision)
     save_encoder(encoder, ctx.folder / ENCODER)
-    return {"backbone": g.encoder_backbone, "steps": g.encoder_steps, "n_pool": len(pool)}
+    return {"backbone": f.backbone, "steps": f.steps, "n_pool": len(pool)}
 
 
-STAGE = register(Stage("features", "evaluate-generation",
-                       ("generation.encoder_backbone", "generation.encoder_steps", "generation.encoder_batch_size",
-                        "generation.encoder_lr", "seed"), ("data",), run,
-                       description="histology feature encoder (SimCLR on the pool)"))
+STAGE = register(Stage("features", "features", ("features", "seed"), ("data",), run,
+                       description="self-supervised encoder (SimCLR) on the pool"))

@@ -114,7 +114,7 @@ def run_generation(ctx: StageContext) -> dict:
         tiles[name], labels[name] = t, y
     encoder = load_encoder(ctx.upstream("features") / ENCODER, device)
     feats = {name: extract_features(encoder, t, device=device).astype(np.float64) for name, t in tiles.items()}
-    result = {"feature_space": f"SimCLR {cfg.generation.encoder_backbone} trained on the pool",
+    result = {"feature_space": f"SimCLR {cfg.features.backbone} trained on the pool",
               "histology": measure(feats, labels, classes, cfg),
               "memorization": _memorization(feats, tiles, cfg, ctx.folder)}
     if inception_available(g.inception_weights):

@@ -18,8 +18,8 @@ from histodiffusion.errors import UserError
 from histodiffusion.progress import console
 from histodiffusion.rundir import RunDir
 
-PIPELINE = ("data", "labels", "autoencoder", "latents", "pretrain", "finetune", "conditional", "synthesize", "select",
-            "evaluate", "features", "generation", "report")
+PIPELINE = ("data", "labels", "autoencoder", "latents", "pretrain", "features", "finetune", "conditional", "synthesize",
+            "select", "evaluate", "generation", "report")
 
 # CLI command -> its help. Each stage names its command; a command runs its stages in pipeline order.
 COMMANDS = {
@@ -27,13 +27,15 @@ COMMANDS = {
                     "the counts per split and class.",
     "train-autoencoder": "Train the KL autoencoder on the pool; store the latent scale in its config.",
     "pretrain": "Encode the pool once, then train the unconditional latent diffusion UNet (resumes).",
+    "features": "Train the self-supervised (SimCLR) encoder on the pool: the feature space of generation quality "
+                "and the backbone of the ssl arms.",
     "finetune": "Train the noise-aware latent classifier and adapt the UNet to each labeled subset.",
     "train-conditional": "Baseline: a class-conditional UNet trained on the labeled subset only, no pre-training.",
     "synthesize": "Classifier-guided tiles per class (ImageFolder of PNGs + manifest); shards under accelerate.",
     "select": "Keep synthetic tiles an auxiliary classifier confidently matches to their target class.",
     "evaluate": "Train the downstream classifier per arm and seed; test metrics with 95% CIs and paired gains.",
-    "evaluate-generation": "Frechet distance, KID, precision/recall and near-copies of the synthetic tiles, with "
-                           "real-vs-real floors.",
+    "evaluate-generation": "Frechet distance, KID, precision/recall and near-copies of the synthetic tiles (in the "
+                           "features stage's encoder), with real-vs-real floors.",
     "report": "Write report.md, a self-contained report.html and results.json for the run.",
 }
 
@@ -70,8 +72,9 @@ class Stage:
     description: str = ""
     distributed: bool = False
     """Every process runs ``fn`` (training and synthesis under accelerate); else the main one only."""
-    exclude: tuple[str, ...] = ()
-    """Dotted config paths inside ``sections`` that do not change this stage's result."""
+    exclude: tuple[str, ...] | Callable[[ExperimentConfig], tuple[str, ...]] = ()
+    """Dotted config paths inside ``sections`` that do not change this stage's result (may depend
+    on the config)."""
     rebuild: bool = False
     """A cheap summary of other stages (the report): redone, not refused, when its hash changes."""
     extendable: bool = False
@@ -171,7 +174,8 @@ def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int
     ``without_steps`` leaves the step counts out: equal such hashes mean "the same training, maybe
     for longer".
     """
-    exclude = stage.exclude + (tuple(training_steps(stage, cfg)) if without_steps else ())
+    exclude = stage.exclude(cfg) if callable(stage.exclude) else stage.exclude
+    exclude = exclude + (tuple(training_steps(stage, cfg)) if without_steps else ())
     parts = [stage.name, cfg.section_hash(*stage.sections, exclude=exclude), str(budget)]
     for up in upstream_of(stage, cfg):
         spec = STAGES[up]

@@ -9,7 +9,7 @@ from pathlib import Path
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, budget_name
 from histodiffusion.data.prepared import labeled_counts, pool_tiles
-from histodiffusion.document import Document, arms_bar_chart, curves, fmt_ci
+from histodiffusion.document import Document, arms_bar_chart, curves, fmt_ci, ladder_chart
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages.registry import (
     PIPELINE,
@@ -94,29 +94,57 @@ def _budget(doc: Document, cfg: ExperimentConfig, root: Path, out: Path, name: s
     if summary_file.is_file():
         summary = io.read_json(summary_file)
         result["evaluation"] = summary
-        metrics = ["accuracy", "balanced_accuracy", "macro_f1"] + (["auroc"] if any(
-            "auroc" in a for a in summary["arms"].values()) else []) + ["ece"]
-        doc.paragraph(f"Downstream classifier on the test split ({summary['n_test']} tiles), mean and 95% CI over "
-                      f"{summary['n_seeds']} seeds, in %:")
-        doc.table(["arm", "synthetic tiles"] + metrics,
-                  [[a, summary["n_synthetic"][a]] + [fmt_ci(summary["arms"][a].get(m)) for m in metrics]
-                   for a in summary["arms"]])
-        if summary["paired_gain_vs_real"]:
-            doc.paragraph("Paired difference vs real only (same seeds), percentage points, mean [95% CI]:")
-            doc.table(["arm", "accuracy", "balanced accuracy", "macro-F1"],
-                      [[a] + [fmt_ci(g[m]) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
-                       for a, g in summary["paired_gain_vs_real"].items()])
-        empty = [a for a, n in summary["n_synthetic"].items() if a != "real" and n == 0]
-        if empty:
-            doc.paragraph(f"{', '.join(empty)}: the selection accepted no synthetic tiles, so these arms train on "
-                          "the real subset alone, the same training as real with the same seeds; their gain is 0 by "
-                          "construction, not a measured effect.")
-        doc.image(arms_bar_chart(summary, "accuracy", out / f"{name}_arms.png", f"{cfg.experiment}, {name}"),
-                  "Test accuracy per arm (bars: mean; whiskers: 95% CI over seeds)")
+        _evaluation(doc, cfg, summary, out, name)
     generation = root / "generation" / name / "generation.json"
     if generation.is_file():
         result["generation"] = _generation(doc, io.read_json(generation), generation.parent, out, name)
     return result
+
+
+def _evaluation(doc: Document, cfg: ExperimentConfig, summary: dict, out: Path, name: str) -> None:
+    metrics = ["accuracy", "balanced_accuracy", "macro_f1"] + (["auroc"] if any(
+        "auroc" in a for a in summary["arms"].values()) else []) + ["ece"]
+    le = summary.get("label_equivalent", {})
+    doc.paragraph(f"Downstream classifier on the test split ({summary['n_test']} tiles): mean and 95% CI over the "
+                  "seeds, in %. Label-equivalent: the real labels at which the real-only ladder reaches the arm's "
+                  "accuracy, as a multiple of the budget (bootstrap 95% interval over seeds).")
+    doc.table(["arm", "seeds", "real tiles", "synthetic tiles", "steps"] + metrics + ["label-equivalent"],
+              [[a, summary["n_seeds"][a], summary["n_real"][a], summary["n_synthetic"][a], summary["steps"][a]]
+               + [fmt_ci(summary["arms"][a].get(m)) for m in metrics] + [_multiple(le.get(a))]
+               for a in summary["arms"]])
+    gains = {**summary["paired_gain_vs_real"], **{f"{a} vs ssl": g for a, g in summary.get("paired_gain_vs_ssl", {}).items()}}
+    if gains:
+        doc.paragraph("Paired differences (same seeds), percentage points, mean [95% CI]; against real unless named:")
+        doc.table(["arm", "accuracy", "balanced accuracy", "macro-F1"],
+                  [[a] + [fmt_ci(g[m], signed=True) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
+                   for a, g in gains.items()])
+    same = [a for a, n in summary["n_synthetic"].items() if a in ("real+selected", "ssl+selected",
+                                                                   "real+conditional_no_pretrain") and n == 0]
+    if same:
+        doc.paragraph(f"{', '.join(same)}: the selection accepted no synthetic tiles, so these arms train on the real "
+                      "subset alone, the same training as their base arm with the same seeds; their gain is 0 by "
+                      "construction, not a measured effect.")
+    if "ladder" in summary:
+        h = summary["headroom"]
+        flat = h["accuracy"]["ci_low"] is None or h["accuracy"]["ci_low"] <= 0
+        doc.paragraph(f"Headroom: {h['rung']} - real = {fmt_ci(h['accuracy'], signed=True)} accuracy points. " + (
+            "The real-only ladder is flat: more real labels do not raise test accuracy here, so no synthetic set "
+            "can show a gain measured in labels; what limits the task is not the number of labels (compare the "
+            "valid accuracies per rung: "
+            + ", ".join(f"{a} {100 * summary['valid_accuracy'][a]:.1f}" for a in summary["ladder"]) + ")."
+            if flat else "The ladder rises: more real labels help, so a synthetic set can be priced in labels."))
+        doc.image(ladder_chart(summary, out / f"{name}_ladder.png", f"{cfg.experiment}, {name}"),
+                  "Test accuracy against real labels (log scale) for the real-only ladder (points: mean, bars: "
+                  "95% CI); every other arm at its own accuracy (line and band), marked on the ladder at its "
+                  "label-equivalent")
+    doc.image(arms_bar_chart(summary, "accuracy", out / f"{name}_arms.png", f"{cfg.experiment}, {name}"),
+              "Test accuracy per arm (bars: mean; whiskers: 95% CI over seeds)")
+
+
+def _multiple(le: dict | None) -> str:
+    if not le:
+        return "-"
+    return f"{le['text']} [{le['ci_low']:.2g}, {le['ci_high']:.2g}]"
 
 
 def _generation(doc: Document, gen: dict, folder: Path, out: Path, name: str) -> dict:

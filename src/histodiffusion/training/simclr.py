@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from histodiffusion.data.augment import simclr_view
 from histodiffusion.data.images import tiles_to_tensor
+from histodiffusion.devices import autocast_dtype
 from histodiffusion.models.feature_encoder import FeatureEncoder, check_tiles
 from histodiffusion.training.harness import (
     LoopSpec,
@@ -37,7 +38,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
 
 def train_feature_encoder(tiles: np.ndarray, steps: int, batch_size: int, lr: float, seed: int,
                           backbone: str = "resnet18", device: str | torch.device = "cpu", progress: bool = True,
-                          folder: Path | None = None, temperature: float = 0.2,
+                          folder: Path | None = None, precision: str = "fp32", temperature: float = 0.2,
                           weight_decay: float = 1e-4, warmup_steps: int | None = None,
                           log_every: int = 50) -> FeatureEncoder:
     """Train a SimCLR feature encoder on unlabeled tiles (deterministic given ``seed``).
@@ -50,6 +51,7 @@ def train_feature_encoder(tiles: np.ndarray, steps: int, batch_size: int, lr: fl
         seed: seed of the initialisation, batch sampling and augmentations.
         backbone: timm model name (``resnet18``, ``resnet10t``, ...).
         folder: where ``metrics.jsonl`` (loss and lr every ``log_every`` steps and at the end) goes.
+        precision: 'fp32' or 'bf16' autocast of the training step.
         warmup_steps: linear warmup length (default: 5% of ``steps``).
 
     Returns:
@@ -65,7 +67,8 @@ def train_feature_encoder(tiles: np.ndarray, steps: int, batch_size: int, lr: fl
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = FeatureEncoder(backbone, resolution=tiles.shape[1])
-    encoder.to(device).train()
+    encoder.to(device, memory_format=torch.channels_last).train()  # oneDNN's fastest layout for convolutions
+    dtype = autocast_dtype(precision)
     gen = torch.Generator().manual_seed(seed)
     warmup = max(1, round(0.05 * steps)) if warmup_steps is None else max(1, warmup_steps)
     opt, sched = make_optimizer(encoder.parameters(), lr, weight_decay, lr_lambda("cosine", warmup, steps, 0.0))
@@ -78,7 +81,10 @@ def train_feature_encoder(tiles: np.ndarray, steps: int, batch_size: int, lr: fl
             order, pos = torch.randperm(n, generator=gen), 0
         x = tiles_to_tensor(data[order[pos:pos + batch]]).to(device)
         pos += batch
-        loss = nt_xent(encoder.project(simclr_view(x, gen)), encoder.project(simclr_view(x, gen)), temperature)
+        views = [simclr_view(x, gen).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            z1, z2 = (encoder.project(v) for v in views)
+        loss = nt_xent(z1.float(), z2.float(), temperature)
         return loss, {"loss": loss.item()}
 
     def step_fn(_step: int) -> dict:
@@ -87,4 +93,4 @@ def train_feature_encoder(tiles: np.ndarray, steps: int, batch_size: int, lr: fl
 
     run_loop(LoopSpec(steps, log_every=log_every, images_per_step=batch, description="self-supervised encoder"),
              step_fn, folder=folder, progress=progress)
-    return encoder.eval()
+    return encoder.to(memory_format=torch.contiguous_format).eval()  # as it loads back

@@ -4,6 +4,7 @@ stopping on the valid split, in memory (a few minutes each; the stage records ea
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,24 +54,55 @@ def valid_scores(model: nn.Module, tiles: np.ndarray, labels: np.ndarray, device
             "valid_accuracy": float(np.mean(logits.argmax(1) == labels))}
 
 
+def steps_for(n_tiles: int, steps: int, batch_size: int, epochs: float | None = None,
+              max_steps: int | None = None) -> int:
+    """Optimiser steps for a training set of ``n_tiles``: ``steps``, or with ``epochs``
+    ceil(epochs x n_tiles / batch_size) clipped to [steps, max_steps]."""
+    if epochs is None:
+        return steps
+    n = max(steps, math.ceil(epochs * n_tiles / batch_size))
+    return min(n, max_steps) if max_steps is not None else n
+
+
+def load_backbone(model: nn.Module, backbone_state: dict[str, torch.Tensor]) -> None:
+    """Load pre-trained backbone weights (a timm model built with ``num_classes=0``) into a timm
+    classifier of the same architecture; only its classification head keeps its initialisation."""
+    head = model.pretrained_cfg.get("classifier", "fc")
+    missing, unexpected = model.load_state_dict(backbone_state, strict=False)
+    wrong = [k for k in missing if not k.startswith(f"{head}.")]
+    if unexpected or wrong:
+        raise ValueError(f"the pre-trained backbone does not fit the classifier: missing {wrong[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
 def train_tile_classifier(train_tiles: np.ndarray, train_labels: np.ndarray, valid_tiles: np.ndarray,
                           valid_labels: np.ndarray, num_classes: int, seed: int, *, backbone: str, steps: int,
                           batch_size: int, lr: float, weight_decay: float, warmup_steps: int, eval_every: int,
                           color_jitter: float, class_balanced: bool, precision: str = "fp32",
+                          epochs: float | None = None, max_steps: int | None = None,
+                          init_backbone: dict[str, torch.Tensor] | None = None,
                           device: torch.device | str = "cpu", description: str = "classifier",
                           progress: bool = True) -> TrainedClassifier:
-    """Train from scratch; every ``eval_every`` steps score the valid split and keep the best weights.
+    """Train (from scratch, or from ``init_backbone``); every ``eval_every`` steps score the valid
+    split and keep the best weights.
 
-    The keyword arguments are the training fields of an ``ImageClassifierCfg``.
+    The keyword arguments are the training fields of an ``ImageClassifierCfg``; the number of
+    steps is :func:`steps_for` the training set.
 
     Args:
         train_tiles: (N, H, W, 3) uint8; train_labels: (N,) class indices.
         valid_tiles, valid_labels: the model-selection split (never the test split).
+        init_backbone: pre-trained backbone weights (the ``ssl`` arms); the head starts afresh.
     Returns:
         The model with the weights of the best valid balanced accuracy (ties: lower valid loss).
     """
+    steps = steps_for(len(train_labels), steps, batch_size, epochs, max_steps)
     torch.manual_seed(seed)
-    model = build_tile_classifier(backbone, num_classes).to(device)
+    model = build_tile_classifier(backbone, num_classes)
+    if init_backbone is not None:
+        load_backbone(model, init_backbone)
+    # channels_last: oneDNN's fastest layout for convolutions (bench/results/speed.md)
+    model = model.to(device, memory_format=torch.channels_last)
     opt, sched = make_optimizer(model.parameters(), lr, weight_decay, lr_lambda("cosine", warmup_steps, steps, 0.0))
     p = _sample_weights(train_labels, num_classes, class_balanced)
     tiles_t, labels_t = torch.as_tensor(train_tiles), torch.as_tensor(train_labels, dtype=torch.long)
@@ -82,7 +114,8 @@ def train_tile_classifier(train_tiles: np.ndarray, train_labels: np.ndarray, val
 
     def micro_loss(step: int) -> tuple[torch.Tensor, dict]:
         rows = torch.as_tensor(step_rng(seed, step, stream=11).choice(len(p), size=batch_size, p=p))
-        x = classifier_augment(tiles_t[rows], color_jitter, step_generator(seed, step, stream=11)).to(device)
+        x = classifier_augment(tiles_t[rows], color_jitter, step_generator(seed, step, stream=11))
+        x = x.to(device, memory_format=torch.channels_last)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(x).float(), labels_t[rows].to(device))
         return loss, {"loss": loss.item()}
