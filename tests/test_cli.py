@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import CONFIGS, image_folder, run_cli, user_error
+from tests.helpers import CONFIGS, REPO, image_folder, run_cli, user_error
 
 
 def _write_config(path: Path, raw: dict) -> Path:
@@ -64,7 +69,7 @@ def test_missing_data_root_exit_2(tmp_path: Path) -> None:
 def test_corrupt_image_in_target_exit_2(tmp_path: Path) -> None:
     target = image_folder(tmp_path / "tgt", {"a": 12, "b": 12})
     (target / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
-    pool = image_folder(tmp_path / "pool", {"x": 6})
+    pool = image_folder(tmp_path / "pool", {"x": 6}, seed=1)  # other noise than the target
     raw = {"experiment": "bad", "preset": "tiny",
            "data": {"max_bad_fraction": 0.0,
                     "target": {"path": str(target), "split_by": "stratified", "budgets": [2]},
@@ -81,7 +86,7 @@ def test_corrupt_image_in_target_exit_2(tmp_path: Path) -> None:
 
 def test_class_with_no_labeled_images_exit_2(tmp_path: Path) -> None:
     target = image_folder(tmp_path / "tgt", {"common": 40, "rare": 5})
-    pool = image_folder(tmp_path / "pool", {"x": 4})
+    pool = image_folder(tmp_path / "pool", {"x": 4}, seed=1)  # other noise than the target
     raw = {"experiment": "rare", "preset": "tiny",
            "data": {"target": {"path": str(target), "split_by": "stratified", "budgets": [0.1]},
                     "pool": [{"path": str(pool)}]}}
@@ -102,7 +107,7 @@ def test_group_leakage_in_manifest_exit_2(tmp_path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=["path", "label", "group", "split"])
         w.writeheader()
         w.writerows(rows)
-    pool = image_folder(tmp_path / "pool", {"x": 4})
+    pool = image_folder(tmp_path / "pool", {"x": 4}, seed=1)  # other noise than the target
     raw = {"experiment": "leak", "preset": "tiny",
            "data": {"target": {"path": str(tmp_path / "m.csv"), "budgets": [1]}, "pool": [{"path": str(pool)}]}}
     msg = user_error(run_cli("data", "prepare", str(_write_config(tmp_path / "c.yaml", raw)),
@@ -176,3 +181,57 @@ def test_sample_command_writes_tiles_of_the_pretrained_unet(smoke_run, data_root
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png", "grid.png"]
     assert json.loads((out / "sampling.json").read_text())["num"] == 3 and "3 new tiles" in proc.stderr
     assert "--num must be at least 1, got 0" in user_error(run_cli(*args, "--num", "0"))
+
+
+def test_a_second_process_on_a_run_directory_stops_at_once_naming_the_holder(tmp_path: Path) -> None:
+    from histodiffusion.rundir import RunDir
+
+    args = ("data", "prepare", str(CONFIGS / "smoke.yaml"), "--run-dir", str(tmp_path / "run"),
+            "--data-root", str(tmp_path / "nowhere"))
+    with RunDir(tmp_path / "run").lock():
+        msg = user_error(run_cli(*args))
+    assert f"run directory {tmp_path / 'run'} is in use by another histodiffusion process (pid {os.getpid()} on" in msg
+    assert "Wait for it to finish or stop it" in msg
+    # released: the same command now gets past the lock (and stops at the missing data root)
+    assert "data root" in user_error(run_cli(*args)) and not (tmp_path / "run" / ".lock.json").exists()
+
+
+def test_ctrl_c_exits_130_saying_how_to_resume(tmp_path: Path, data_root: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "histodiffusion", "data", "prepare", str(CONFIGS / "smoke.yaml"),
+                             "--run-dir", str(tmp_path / "run"), "--data-root", str(data_root)],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    for line in proc.stderr:  # the data stage has started
+        if "data root:" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted: finished stages and checkpoints are kept; rerun the same command to resume" in err
+    assert "Traceback" not in err
+
+
+def test_tiling_only_unreadable_inputs_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "notes.png").write_text("a text file with an image's name")
+    msg = user_error(run_cli("data", "tile", str(tmp_path / "notes.png"), "--out", str(tmp_path / "out")))
+    assert "tiling: none of the 1 input(s) could be read" in msg and str(tmp_path / "notes.png") in msg
+
+
+def test_negative_seed_exit_2() -> None:
+    msg = user_error(run_cli("config", str(CONFIGS / "smoke.yaml"), "--set", "seed=-1"))
+    assert "seed: Input should be greater than or equal to 0 (got -1)" in msg
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device", "x.safetensors"),
+                                   RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                                "message: \"No space left on device\" })")])
+def test_a_full_disk_anywhere_is_a_message(error: Exception, capsys: pytest.CaptureFixture) -> None:
+    from histodiffusion.cli import guarded
+
+    def entry() -> None:
+        raise error
+
+    with pytest.raises(SystemExit) as stop:
+        guarded(entry)
+    assert stop.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no space left on the device" in err and "Free some space and rerun the same command; nothing finished is lost" in err

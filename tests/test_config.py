@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from histodiffusion.config import budget_name, config_from_dict, load_config
-from histodiffusion.errors import ConfigError
+from histodiffusion.errors import ConfigError, UserError
 from histodiffusion.presets import PRESETS
 from tests.helpers import CONFIGS, raw_config
 
@@ -125,3 +126,24 @@ def test_every_config_key_is_documented() -> None:
     rows = describe_keys()
     assert len(rows) > 100
     assert [path for path, _, text in rows if not text] == []
+
+
+@pytest.mark.parametrize("override", ["seed=-1", "data.target.split_seed=-1", "evaluate.seeds=[0,-3]"])
+def test_negative_seeds_are_refused(override: str) -> None:
+    """numpy refuses negative seeds: a config error naming the key, not a traceback from inside a stage."""
+    with pytest.raises(ConfigError, match=r"(seed|split_seed|seeds\.1): Input should be greater than or equal to 0"):
+        config_from_dict(raw_config(), [override])
+
+
+def test_yaml_with_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbfexperiment: bom\ndata: {target: pcam, pool: [ebhi]}\n")
+    assert load_config(path).experiment == "bom"
+
+
+@pytest.mark.parametrize(("encoding", "said"), [("latin-1", "is not UTF-8 text"), ("utf-16", "is UTF-16 text")])
+def test_yaml_in_another_encoding_names_the_file(tmp_path: Path, encoding: str, said: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes("experiment: caf\u00e9\ndata: {target: pcam, pool: [ebhi]}\n".encode(encoding))
+    with pytest.raises(UserError, match=re.escape(f"{path} {said}") + ".*save it as UTF-8"):
+        load_config(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -152,10 +153,12 @@ def sample(config: ConfigArg, num: Annotated[int, typer.Option("--num", help="Nu
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
     rd, device, s = RunDir(default_run_dir(cfg)), inference_device(cfg.device), cfg.sampling
-    unet, noise_scheduler = load_unet(rd.stage_dir(model), device)
     out = out or rd.root / "samples" / f"{model.replace('/', '-')}-{s.sampler}{s.num_steps}"
-    record = write_samples(unet, load_vae(rd.stage_dir("autoencoder"), device), noise_scheduler, out, num, cfg.seed,
-                           s.model_dump(), device, extra={"model": model})
+    inside = out.resolve().is_relative_to(rd.root.resolve())
+    with rd.lock() if inside else contextlib.nullcontext():  # it writes into the run directory
+        unet, noise_scheduler = load_unet(rd.stage_dir(model), device)
+        record = write_samples(unet, load_vae(rd.stage_dir("autoencoder"), device), noise_scheduler, out, num,
+                               cfg.seed, s.model_dump(), device, extra={"model": model})
     console.print(f"{record['new']} new tiles in {record['seconds']:.1f}s -> {out} (grid: {out / 'grid.png'})")
 
 
@@ -194,21 +197,46 @@ def show_config(config: Annotated[Path | None, typer.Argument(help="Experiment Y
     _dry_run(_load(config, set_, run_dir, data_root))
 
 
+def _interrupted(exc: BaseException | None) -> bool:
+    """True when ``exc`` is, or was raised while handling, a KeyboardInterrupt (typer turns Ctrl-C
+    into a silent ``Exit(130)``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _error(err: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+    sys.exit(getattr(err, "exit_code", 2))
+
+
 def guarded(entry: Callable[[], object]) -> None:
-    """Run ``entry`` so that user errors print a message and exit 2, never a traceback; a paused
-    stage exits 3 and Ctrl-C exits 130 saying that finished work is kept. (The bench scripts use it too.)"""
+    """Run ``entry`` so that user errors print a message and exit 2, never a traceback; a full disk
+    is one; a paused stage exits 3 and Ctrl-C exits 130 saying that finished work is kept. (The
+    bench scripts use it too.)"""
+    from histodiffusion.io import disk_full, is_no_space
+
     try:
         entry()
     except UserError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-        sys.exit(err.exit_code)
+        _error(err)
     except StagePaused as paused:
         console.print(f"[yellow]paused:[/] {escape(str(paused))}", soft_wrap=True)
         sys.exit(paused.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if not _interrupted(stop):
+            raise
         console.print("[yellow]interrupted: finished stages and checkpoints are kept; rerun the same "
                       "command to resume[/]")
         sys.exit(130)
+    except Exception as err:
+        if not is_no_space(err):
+            raise
+        _error(disk_full(getattr(err, "filename", None)))
 
 
 def main() -> None:

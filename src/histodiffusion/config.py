@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from histodiffusion import io
 from histodiffusion.errors import ConfigError
 from histodiffusion.presets import PRESETS
 
@@ -78,6 +79,8 @@ class SourceCfg(_Section):
 
 
 Budget = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""A random seed: numpy and torch take 0 .. 2**32 - 1."""
 
 
 def budget_name(budget: int | float) -> str:
@@ -97,7 +100,7 @@ class TargetCfg(SourceCfg):
     file. ``auto`` picks own, else group when groups exist, else stratified."""
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     """Train/valid/test fractions when the dataset has no split of its own."""
-    split_seed: int = 0
+    split_seed: Seed = 0
     """Seed of the train/valid/test split (fixed per task; independent of ``seed``)."""
     valid_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     """With split_by own and a dataset that has train and test but no valid split: the fraction of
@@ -425,7 +428,7 @@ class EvaluateCfg(_Section):
     """Stage ``evaluate``: the downstream classifier on each arm, several seeds, test metrics with CIs."""
 
     classifier: ImageClassifierCfg = ImageClassifierCfg()
-    seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2, 3, 4]
+    seeds: Annotated[list[Seed], Field(min_length=1)] = [0, 1, 2, 3, 4]
     """One run per seed and arm (at least 5 for the confidence intervals the protocol asks for)."""
     arms: Annotated[list[Literal[ARMS]], Field(min_length=1)] = ["real", "real+synthetic", "real+selected"]  # type: ignore[valid-type]
     """real, real+synthetic (all guided tiles), real+selected, real+conditional_no_pretrain, ssl (the
@@ -507,7 +510,7 @@ class ExperimentConfig(_Section):
     """Name of the experiment; the run directory defaults to runs/<experiment>."""
     preset: Literal["tiny", "cpu", "paper"] = "cpu"
     """Model-size preset (tiny: tests, cpu: a 2-core machine, paper: the paper's sizes)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of everything stochastic except the target's split (data.target.split_seed)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where single-process stages run; multi-GPU runs go through ``accelerate launch``."""
@@ -740,7 +743,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (expected a YAML file such as configs/smoke.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(io.read_text(path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     return config_from_dict(raw if raw is not None else {}, overrides, source=str(path))

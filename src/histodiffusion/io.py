@@ -16,12 +16,35 @@ import yaml
 
 from histodiffusion.errors import UserError
 
+# Words of a full disk in the errors that wrap an OSError without its errno: safetensors
+# ("IoError(Os { code: 28, kind: StorageFull ...") and torch's C++ writers.
+_NO_SPACE_WORDS = ("no space left", "enospc", "errno 28", "os error 28", "code: 28", "storagefull")
 
-def _disk_full(path: Path, err: OSError) -> UserError:
+
+def is_no_space(err: BaseException) -> bool:
+    """True when ``err`` (an OSError, or safetensors'/torch's own wrapping of one) is a full disk."""
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+    text = str(err).lower()
+    return any(w in text for w in _NO_SPACE_WORDS)
+
+
+def disk_full(path: str | os.PathLike | None = None) -> UserError:
+    """The message of a full disk while writing ``path``."""
     return UserError(
-        f"no space left on the device while writing {path}. Free some disk space and rerun the "
-        "same command: finished stages and checkpoints are kept and the run resumes."
+        f"no space left on the device{f' while writing {path}' if path else ''}. Free some space and rerun the same "
+        "command; nothing finished is lost (finished stages, tiles and checkpoints are kept and the "
+        "run resumes)."
     )
+
+
+def _nearly_full(folder: Path) -> bool:
+    """True when less than 1 MiB is free where ``folder`` lives (a C++ writer's bare 'write failed')."""
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -43,9 +66,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise _disk_full(path, err) from err
+    except UserError:
+        raise
+    except Exception as err:
+        if is_no_space(err) or ("write failed" in str(err) and _nearly_full(path.parent)):
+            raise disk_full(path) from err
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,6 +100,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as YAML to ``path`` atomically."""
     return write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file (a byte-order mark, as Excel writes, is dropped); any other encoding is a
+    user error naming the file."""
+    path = Path(path)
+    data = path.read_bytes()
+    how = "save it as UTF-8" + (" (in Excel: 'CSV UTF-8')" if path.suffix.lower() == ".csv" else "") + " and rerun"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path} is UTF-16 text, not UTF-8; {how}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}; Latin-1 or "
+                        f"Windows-1252, perhaps); {how}") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -8,13 +8,17 @@ changed config is detected instead of silently reusing stale results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +29,9 @@ from histodiffusion.errors import UserError
 
 DONE = "DONE"
 STATE = "STATE.json"
+LOCK = ".lock"
+LOCK_INFO = ".lock.json"
+_HELD: dict[Path, list] = {}  # run directories this process holds: resolved root -> [lock, depth]
 _PACKAGES = ("histodiffusion", "torch", "torchvision", "diffusers", "accelerate", "timm",
              "torchmetrics", "safetensors", "numpy", "Pillow", "pydantic")
 
@@ -158,15 +165,15 @@ class RunDir:
         stage continues from its checkpoints under the new hash.
         """
         folder = self.stage_dir(key)
-        if force and folder.exists():
+        if (force or self._state(key).get("stale")) and folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         old = self.done_hash(key) or self._state(key).get("hash")
         if old is not None and old != stage_hash and not extend:
             raise UserError(
                 f"stage '{key}' in {self.root} was run with a different config (hash {old}, now "
-                f"{stage_hash}). Rerun with --force {key.split('/')[0]} to redo it (and what depends "
-                "on it), or choose another --run-dir."
+                f"{stage_hash}). Rerun with --force {key.split('/')[0]} to redo it and every stage that "
+                "depends on it, or choose another --run-dir."
             )
         (folder / DONE).unlink(missing_ok=True)
         state = {"hash": stage_hash, "started": time.time()}
@@ -175,11 +182,73 @@ class RunDir:
         io.write_json(folder / STATE, state)
         return folder
 
+    def invalidate(self, key: str) -> bool:
+        """Mark a started stage stale (an upstream stage was redone): its next run starts afresh.
+        Returns False when it was never started."""
+        if not self.started(key):
+            return False
+        (self.stage_dir(key) / DONE).unlink(missing_ok=True)
+        io.write_json(self.stage_dir(key) / STATE, {"stale": True, "since": time.time()})
+        return True
+
+    def abandon(self, key: str) -> None:
+        """Forget a stage that failed before writing anything (only STATE.json in its folder), so
+        that a corrected config is not refused as a different one."""
+        folder = self.stage_dir(key)
+        if any(p.name != STATE for p in folder.rglob("*") if p.is_file()):
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a per-budget stage's parent folder, when now empty
+            if folder.parent != self.root:
+                folder.parent.rmdir()
+
     def finish(self, key: str, stage_hash: str, summary: dict | None = None) -> None:
         """Write the DONE marker last, holding the config hash (and an optional summary)."""
         io.write_json(self.stage_dir(key) / DONE,
                       {"hash": stage_hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "summary": summary or {}})
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for this process (re-entrant): another process that asks for it
+        meanwhile stops at once with a UserError naming this one (pid, host, command)."""
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = self.root.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            try:
+                yield
+            finally:
+                _HELD[key][1] -= 1
+            return
+        lock = FileLock(str(self.root / LOCK), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(self._in_use()) from None
+        _HELD[key] = [lock, 1]
+        try:
+            io.write_json(self.root / LOCK_INFO, {
+                "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": shlex.join(["histodiffusion", *sys.argv[1:]])})
+            yield
+        finally:
+            del _HELD[key]
+            (self.root / LOCK_INFO).unlink(missing_ok=True)
+            lock.release()
+
+    def _in_use(self) -> str:
+        """The message for a run directory another process holds."""
+        try:
+            info = json.loads((self.root / LOCK_INFO).read_text())
+            holder = f"pid {info['pid']} on {info['host']}, since {info['started']}: {info['command']}"
+        except (OSError, json.JSONDecodeError, KeyError):
+            holder = "it has only just started"
+        return (f"run directory {self.root} is in use by another histodiffusion process ({holder}). Wait for "
+                "it to finish or stop it, then rerun; two runs in one run directory would redo the same "
+                "stages and mix their files. (Or choose another --run-dir.)")
 
     def write_config(self, cfg: ExperimentConfig) -> None:
         """Write the resolved config and append to the environment record."""

@@ -129,3 +129,37 @@ def test_practical_protocol_pool_guard(pcam) -> None:
         pool = unlabeled + [leaked.with_(label=None, source="pcam train, unlabeled")]
         with pytest.raises(UserError, match=r"1 valid or test file\(s\) of the target 'pcam' would enter the pre-"):
             sp.check_pool_excludes(pool, held_out, "pcam")
+
+
+def test_dedupe_drops_repeated_rows_and_refuses_conflicting_ones() -> None:
+    a, b = Record("/d/a.png", "tumor"), Record("/d/b.png", "normal")
+    kept, repeated = sp.dedupe([a, b, a], "m")
+    assert kept == [a, b] and repeated == ["/d/a.png"]
+    with pytest.raises(UserError, match=r"source 'm' lists 1 file\(s\) twice .*\n  /d/a.png: label 'tumor' and 'normal'"):
+        sp.dedupe([a, b, a.with_(label="normal")], "m")
+    with pytest.raises(UserError, match=r"/d/a.png: split 'train' and 'test'"):
+        sp.dedupe([a.with_(split="train"), a.with_(split="test")], "m")
+    assert sp.dedupe([a, a.with_(label="normal")], "pool", strict=False)[0] == [a]  # pool labels are ignored
+
+
+def test_identical_images_across_splits_or_labels_are_refused() -> None:
+    digests = {"/d/a.png": "x", "/d/copy_of_a.png": "x", "/d/b.png": "y"}
+    train = [Record("/d/a.png", "tumor", split="train"), Record("/d/b.png", "normal", split="train")]
+    sp.check_duplicate_content({"train": train, "valid": [], "test": []}, digests, "t")
+    leak = {"train": train, "valid": [], "test": [Record("/d/copy_of_a.png", "tumor", split="test")]}
+    with pytest.raises(UserError, match=r"target 't': 1 image\(s\) would be in two splits .*\n  "
+                                        r"/d/a.png \(train\) = /d/copy_of_a.png \(test\)"):
+        sp.check_duplicate_content(leak, digests, "t")
+    relabeled = {"train": train + [Record("/d/copy_of_a.png", "normal", split="train")], "valid": [], "test": []}
+    with pytest.raises(UserError, match=r"(?s)two labels .*/d/a.png \(label 'tumor'\) = /d/copy_of_a.png \(label 'normal'\)"):
+        sp.check_duplicate_content(relabeled, digests, "t")
+    pool = [Record("/p/copy.png", source="other")]
+    with pytest.raises(UserError, match=r"(?s)1 pool file\(s\) are copies .*/p/copy.png \(pool source 'other'\) = "
+                                        r"/d/copy_of_a.png \(test split\)"):
+        sp.check_pool_content(pool, leak["test"], {**digests, "/p/copy.png": "x"}, "t")
+
+
+def test_a_target_needs_two_classes() -> None:
+    sp.check_two_classes(["a", "b"], "t")
+    with pytest.raises(UserError, match="target 't' has only the class 'a'; a classifier needs at least two"):
+        sp.check_two_classes(["a"], "t")

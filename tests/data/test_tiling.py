@@ -347,3 +347,10 @@ def test_pyramidal_tiff_needs_openslide(tmp_path, monkeypatch):
     tifffile.imwrite(plain, img)
     summary = tile_files([plain], tmp_path / "out2", 64, 64, 0.2, "manifest", progress=False)
     assert summary.n_tiles == 4  # each quadrant is ~28% blob
+
+
+def test_no_readable_input_is_a_user_error(tmp_path: Path) -> None:
+    """A text file named like an image is skipped with a warning among others, but alone it is an error."""
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UserError, match=r"tiling: none of the 1 input\(s\) could be read:\n  .*notes.png"):
+        tile_files([tmp_path / "notes.png"], tmp_path / "out", 64, None, 0.5, "imagefolder", progress=False)

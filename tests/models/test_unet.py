@@ -1,12 +1,14 @@
-"""The denoising UNet (models/unet.py): attention at the named latent sizes, and a save/load round trip
-with its training scheduler."""
+"""The denoising UNet (models/unet.py): attention at the named latent sizes, a save/load round trip
+with its training scheduler, no pickle ever loaded, and a full disk while saving."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from histodiffusion.errors import UserError
 from histodiffusion.models.unet import SCHEDULER, UNET, build_unet, load_unet, save_unet
@@ -32,3 +34,45 @@ def test_save_and_load_round_trip(tmp_path: Path, tiny_unet, train_scheduler) ->
     assert scheduler.config.prediction_type == train_scheduler.config.prediction_type
     with pytest.raises(UserError, match="no trained UNet at"):
         load_unet(tmp_path / "elsewhere")
+
+
+
+class _Planted:
+    """Unpickling this creates the marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickled_weights_file_is_never_loaded(tmp_path: Path, tiny_unet, train_scheduler) -> None:
+    """A UNet folder with a pickle in place of its safetensors weights is refused, not unpickled."""
+    import pickle
+
+    save_unet(tiny_unet, train_scheduler, tmp_path)
+    weights = tmp_path / UNET / "diffusion_pytorch_model.safetensors"
+    marker = tmp_path / "pwned"
+    weights.with_suffix(".bin").write_bytes(pickle.dumps(_Planted(marker)))
+    weights.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        load_unet(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                    '"No space left on device" })')])
+def test_a_full_disk_while_saving_a_model_is_a_user_error(tmp_path: Path, tiny_unet, train_scheduler, error,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OSError, or safetensors' wrapping of it: either way the user reads what to do."""
+    def full(*_a, **_k):
+        raise error
+
+    monkeypatch.setattr(type(tiny_unet), "save_pretrained", full)
+    with pytest.raises(UserError, match=f"no space left on the device while writing {tmp_path / UNET}.*"
+                                        "nothing finished is lost"):
+        save_unet(tiny_unet, train_scheduler, tmp_path)
+    assert not (tmp_path / UNET).exists()

@@ -1,5 +1,6 @@
-"""The stage registry and runner (stages/registry.py): DONE markers, skip on rerun, --force,
-changed-config refusal, upstream checks, and which names and commands may be registered."""
+"""The stage registry and runner (stages/registry.py): DONE markers, skip on rerun, --force (with
+what depends on it), changed-config refusal, failed starts, upstream checks, and which names and
+commands may be registered."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from histodiffusion import io
 from histodiffusion.errors import UserError
@@ -17,8 +19,11 @@ from histodiffusion.stages.registry import (
     STAGES,
     Stage,
     command_stages,
+    downstream_of,
     load_stages,
     register,
+    run_dir_lock,
+    run_pipeline,
     run_stage,
 )
 from tests.helpers import make_config
@@ -89,3 +94,81 @@ def test_every_stage_and_command_is_registered() -> None:
     assert command_stages("pretrain") == ("latents", "pretrain")
     assert command_stages("features") == ("features",)
     assert command_stages("evaluate-generation") == ("generation",)
+
+
+def _picky_stage(ctx) -> dict:
+    """Fails before writing anything at seed 1 (a bad input), after writing a partial result at seed 3."""
+    if ctx.cfg.seed == 3:
+        io.write_text(ctx.folder / "partial.txt", "half")
+    if ctx.cfg.seed in (1, 3):
+        raise UserError("bad input")
+    return _fake_stage(ctx)
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'data' and 'labels' (which reads 'data') replaced, for this test only, by recording stages."""
+    load_stages()
+    monkeypatch.setitem(STAGES, "data", Stage("data", "data prepare", ("seed",), (), _picky_stage))
+    monkeypatch.setitem(STAGES, "labels", Stage("labels", "data prepare", ("seed",), ("data",), _fake_stage))
+
+
+def test_a_refused_rerun_leaves_config_and_environment_alone(tmp_path: Path, fake_stage) -> None:
+    rd = RunDir(tmp_path / "run")
+    run_stage("data", make_config(seed=0), rd)
+    before = [(rd.root / f).read_bytes() for f in ("config.yaml", "environment.json")]
+    with pytest.raises(UserError, match="different config"):
+        run_stage("data", make_config(seed=1), rd)
+    run_stage("data", make_config(seed=0), rd)  # skipped: nothing ran, nothing to describe
+    assert [(rd.root / f).read_bytes() for f in ("config.yaml", "environment.json")] == before
+
+
+def test_force_redoes_the_stage_and_every_stage_downstream(tmp_path: Path, fake_pipeline) -> None:
+    CALLS.clear()
+    rd = RunDir(tmp_path / "run")
+    run_pipeline(make_config(seed=0), rd, stop="labels")
+    assert CALLS == ["data", "labels"] and downstream_of("data", make_config())[:1] == ["labels"]
+    # a changed config: `run --force data` redoes data, then labels, which is not refused
+    run_pipeline(make_config(seed=2), rd, stop="labels", force=("data",))
+    assert CALLS[2:] == ["data", "labels"]
+    assert yaml.safe_load((rd.root / "config.yaml").read_text())["seed"] == 2
+    # the same config: a single stage's --force redoes it now and its dependants when they next run
+    run_stage("data", make_config(seed=2), rd, force=True)
+    assert CALLS[4:] == ["data"] and not (rd.root / "labels" / "DONE").exists()
+    run_stage("labels", make_config(seed=2), rd)
+    assert CALLS[5:] == ["labels"] and run_stage("labels", make_config(seed=2), rd)[0]["skipped"]
+
+
+def test_a_stage_that_failed_before_writing_anything_is_forgotten(tmp_path: Path, fake_pipeline) -> None:
+    """A failure before any output (a bad dataset name) leaves no record, so the corrected config runs;
+    a failure after some output keeps it (a rerun resumes it, a changed config is refused)."""
+    rd = RunDir(tmp_path / "run")
+    with pytest.raises(UserError, match="bad input"):
+        run_stage("data", make_config(seed=1), rd)
+    assert not (rd.root / "data").exists()
+    run_stage("data", make_config(seed=2), rd)
+    assert rd.is_done("data", rd.done_hash("data"))
+    rd2 = RunDir(tmp_path / "run2")
+    with pytest.raises(UserError, match="bad input"):
+        run_stage("data", make_config(seed=3), rd2)
+    with pytest.raises(UserError, match="different config"):
+        run_stage("data", make_config(seed=2), rd2)
+
+
+def test_only_the_main_process_of_a_launch_takes_the_run_directory_lock(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `accelerate launch` the other ranks share the main process's hold instead of being refused."""
+    import accelerate
+
+    class OtherRank:
+        is_main_process = False
+
+        def __init__(self, **_kwargs):
+            pass
+
+    rd = RunDir(tmp_path / "run")
+    with run_dir_lock(rd, make_config()):
+        assert (rd.root / ".lock.json").is_file()
+    monkeypatch.setattr(accelerate, "PartialState", OtherRank)
+    with run_dir_lock(RunDir(tmp_path / "run2"), make_config()):
+        assert not (tmp_path / "run2").exists()

@@ -1,12 +1,17 @@
 """Stage ``synthesize`` (with the finetune and conditional stages it needs) on the smoke run:
-manifests, tiles, grids, and a resume that makes only the missing tiles."""
+manifests, tiles, grids, a resume that makes only the missing tiles, a resume after a kill that
+damaged the part files, and labels that read as paths."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
+from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
+from histodiffusion.stages.synthesize import FIELDS, read_part
 
 
 def test_synthesize_stage_outputs(smoke_run, smoke_cfg) -> None:
@@ -33,3 +38,67 @@ def test_synthesize_stage_outputs(smoke_run, smoke_cfg) -> None:
     run_stage("synthesize", smoke_cfg, smoke_run)
     assert lost.read_bytes() == first
     assert kept.stat().st_mtime_ns == kept_mtime
+
+
+SOURCES = ("guided", "unguided", "conditional")
+
+
+def _made(root: Path) -> dict[str, list[tuple[dict, bytes]]]:
+    """Each source's manifest rows (in order) with the bytes of each row's PNG."""
+    out = {}
+    for source in SOURCES:
+        with open(root / source / "manifest.csv", newline="") as f:
+            out[source] = [(row, (root / source / row["path"]).read_bytes()) for row in csv.DictReader(f)]
+    return out
+
+
+def test_an_interrupted_synthesis_is_redone_exactly(smoke_run, smoke_cfg) -> None:
+    """A kill leaves a part file empty (header still in a buffer), torn mid-row, or (from a resume by
+    older code) without its header: the rerun redoes what is missing and ends with exactly the tiles
+    of an uninterrupted run, each once."""
+    for stage in ("finetune", "conditional", "synthesize"):
+        run_stage(stage, smoke_cfg, smoke_run)
+    root = smoke_run.root / "synthesize" / "8perclass"
+    uninterrupted = _made(root)
+    (root / "guided" / "manifest.part-0.csv").write_bytes(b"")
+    (root / "guided" / "tiles" / "1_metastatic_tumor" / "000005.png").unlink()
+    torn = root / "unguided" / "manifest.part-0.csv"
+    torn.write_bytes(torn.read_bytes()[:-30])
+    headless = root / "conditional" / "manifest.part-0.csv"
+    headless.write_text("".join(headless.read_text().splitlines(keepends=True)[1:]))
+    for source in SOURCES:
+        (root / source / "manifest.csv").unlink()
+    (root / "DONE").unlink()
+    run_stage("synthesize", smoke_cfg, smoke_run)
+    assert _made(root) == uninterrupted
+    for source in SOURCES:
+        assert [int(r["index"]) for r, _ in uninterrupted[source]] == list(range(8))
+        part = (root / source / "manifest.part-0.csv").read_text()
+        assert part.startswith(",".join(FIELDS)) and part.count("path,label") == 1
+        assert sorted(int(r["index"]) for r in read_part(root / source / "manifest.part-0.csv")) == list(range(8))
+
+
+def test_a_label_is_a_safe_folder_name_and_stays_the_label(smoke_run, smoke_cfg, tmp_path: Path) -> None:
+    """A label that reads as a path (from a CSV manifest) cannot make synthesis write outside the run
+    directory: its tiles go to a sanitised folder, its manifest rows keep the label."""
+    for stage in ("finetune", "conditional"):
+        run_stage(stage, smoke_cfg, smoke_run)
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run.root, run, ignore=shutil.ignore_patterns("synthesize", "select", "evaluate"))
+    evil = "../../../../../escaped"
+    (run / "data" / "classes.json").write_text(json.dumps([evil, "1_metastatic_tumor"]))
+    for path in [*run.glob("data/*.csv"), run / "labels" / "8perclass" / "labeled.csv"]:
+        with open(path, newline="") as f:
+            rows = [{**r, "label": evil if r["label"] == "0_no_tumor" else r["label"]} for r in csv.DictReader(f)]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    run_stage("synthesize", smoke_cfg, RunDir(run))
+    root = run / "synthesize" / "8perclass" / "guided"
+    assert not (tmp_path / "escaped").exists()
+    with open(root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["label"] for r in rows} == {evil, "1_metastatic_tumor"}
+    assert {r["path"].split("/")[1] for r in rows if r["label"] == evil} == {"escaped"}
+    assert len(list((root / "tiles" / "escaped").glob("*.png"))) == 4

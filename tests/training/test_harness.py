@@ -68,3 +68,45 @@ def test_a_damaged_checkpoint_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"cannot resume from .*step-0000001.*--force"):
         Checkpointer(tmp_path, keep=2).resume(_state(0))
     assert Checkpointer(tmp_path / "nothing", keep=2).resume(_state(0)) == 0
+
+
+class _Planted:
+    """Unpickling this creates the marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_never_loaded(tmp_path: Path) -> None:
+    """Resume reads safetensors and JSON only: pickles dropped into the checkpoint (accelerate's and
+    torch's usual file names) are not opened, so a run directory from elsewhere runs no code."""
+    import pickle
+
+    state = _state(0)
+    path = Checkpointer(tmp_path, keep=1).save(state, 2)
+    marker = tmp_path / "pwned"
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "pytorch_model.bin", "random_states_0.pkl",
+                 "scheduler.bin", "model.pt"):
+        (path / name).write_bytes(pickle.dumps(_Planted(marker)))
+    resumed = _state(1)
+    assert Checkpointer(tmp_path, keep=1).resume(resumed) == 2
+    for a, b in zip(state.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not marker.exists()
+
+
+def test_a_full_disk_while_checkpointing_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from histodiffusion.training import harness
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(harness, "save_file", full)
+    with pytest.raises(UserError, match="no space left on the device .*nothing finished is lost"):
+        Checkpointer(tmp_path, keep=1).save(_state(0), 1)
+    assert Checkpointer(tmp_path, keep=1).latest() is None

@@ -109,6 +109,17 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot decode image ({err})") from err
 
 
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding the pixels; None when unknown."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                return img.size
+    except Exception:  # unreadable files are reported when the tile cache decodes them
+        return None
+
+
 def center_square(arr: np.ndarray) -> np.ndarray:
     """Centre crop (H, W, C) to the largest square."""
     h, w = arr.shape[:2]

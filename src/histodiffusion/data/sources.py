@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import re
 from dataclasses import asdict, dataclass, replace
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 
+from histodiffusion import io
 from histodiffusion.data.images import ImageReadError, is_image_file, load_tile, resize_square
 from histodiffusion.errors import UserError
 
@@ -52,6 +55,28 @@ class Record:
     def with_(self, **changes) -> Record:
         """Copy with fields changed."""
         return replace(self, **changes)
+
+
+def label_folder(label: str) -> str:
+    """A label as a folder name: runs of characters other than letters, digits, '-', '_' and '.'
+    become '_', leading and trailing dots and underscores go ('../../x' -> 'x'); at most 100 characters."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("._")[:100]
+
+
+def label_folders(labels: list[str]) -> dict[str, str]:
+    """Each label's folder name (:func:`label_folder`); refuses a label with none and two labels with one."""
+    out: dict[str, str] = {}
+    for label in labels:
+        name = label_folder(label)
+        if not name:
+            raise UserError(f"label {label!r} has no character usable in a folder name; rename it "
+                            "(letters, digits, '-', '_', '.')")
+        clash = [other for other, n in out.items() if n == name]
+        if clash:
+            raise UserError(f"labels {clash[0]!r} and {label!r} would share the folder name {name!r}; "
+                            "rename one of them")
+        out[label] = name
+    return out
 
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -107,13 +132,12 @@ def read_csv_manifest(path: Path, source: str = "", dataset: str | None = None) 
     """
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        if not {"path", "label"} <= cols:
-            raise UserError(f"manifest {path}: needs columns 'path' and 'label' (optional 'group', "
-                            f"'split'); found {sorted(cols)}")
-        rows = list(reader)
+    reader = csv.DictReader(StringIO(io.read_text(path), newline=""))
+    cols = set(reader.fieldnames or [])
+    if not {"path", "label"} <= cols:
+        raise UserError(f"manifest {path}: needs columns 'path' and 'label' (optional 'group', "
+                        f"'split'); found {sorted(cols)}")
+    rows = list(reader)
     records = []
     for i, row in enumerate(rows, start=2):
         if dataset is not None and row.get("dataset") != dataset:
@@ -158,7 +182,7 @@ def read_pathmnist(path: Path, source: str = "pathmnist") -> list[Record]:
     if not path.is_file():
         raise UserError(f"PathMNIST file {path} does not exist; run `histodiffusion data fetch pathmnist`")
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             labels = {s: np.asarray(npz[f"{s}_labels"]).reshape(-1) for s in ("train", "val", "test")
                       if f"{s}_labels" in keys}
@@ -177,7 +201,7 @@ def read_pathmnist(path: Path, source: str = "pathmnist") -> list[Record]:
 
 @functools.lru_cache(maxsize=4)
 def _npz_array(path: str, key: str) -> np.ndarray:
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
         return np.asarray(npz[key])
 
 
@@ -228,8 +252,7 @@ def read_named(name: str, root: Path, resolution: int = 64) -> list[Record]:
         raise UserError(f"dataset {name!r} not found: {folder} does not exist under the data root; {hint}")
     manifest = root / "manifest.csv"
     if manifest.is_file():
-        with open(manifest, newline="", encoding="utf-8") as f:
-            cols = csv.DictReader(f).fieldnames or []
+        cols = csv.DictReader(StringIO(io.read_text(manifest), newline="")).fieldnames or []
         if "dataset" in cols:
             records = _named_from_manifest(manifest, name, root)
             if records:
@@ -260,14 +283,19 @@ def read_source(dataset: str | None, path: str | None, fmt: str, root: Path, res
 
 
 # ------------------------------------------------------------------------------ decoding
+def npz_row(path: str) -> np.ndarray:
+    """The image array of a ``file.npz::split/index`` record, as stored."""
+    file, _, ref = path.partition(NPZ_SEP)
+    split, _, index = ref.partition("/")
+    return _npz_array(file, f"{split}_images")[int(index)]
+
+
 def load_record(record: Record | str, resolution: int) -> np.ndarray:
     """Decode one record's tile at ``resolution`` (H, W, 3) uint8; raises ImageReadError."""
     path = record.path if isinstance(record, Record) else record
     if NPZ_SEP in path:
-        file, _, ref = path.partition(NPZ_SEP)
-        split, _, index = ref.partition("/")
         try:
-            arr = _npz_array(file, f"{split}_images")[int(index)]
+            arr = npz_row(path)
         except (OSError, KeyError, IndexError, ValueError) as err:
             raise ImageReadError(f"{path}: cannot read array ({err})") from err
         if arr.ndim == 2:

@@ -208,3 +208,85 @@ def count_table(parts: dict[str, Sequence[Record]], classes: Sequence[str]) -> d
         row["total"] = len(records)
         table[part] = row
     return table
+
+
+def _shown(lines: Sequence[str], n: int = 5) -> str:
+    return "\n  ".join(lines[:n]) + (f"\n  ... and {len(lines) - n} more" if len(lines) > n else "")
+
+
+def dedupe(records: Sequence[Record], source: str, strict: bool = True) -> tuple[list[Record], list[str]]:
+    """Drop rows that list a file again (their paths are returned, for a warning); ``strict``
+    (the target) refuses a file listed twice with another label, case id or split."""
+    first: dict[str, Record] = {}
+    repeated, conflicts = [], []
+    for r in records:
+        if r.path not in first:
+            first[r.path] = r
+            continue
+        other = first[r.path]
+        diff = [f"{name} {getattr(other, attr)!r} and {getattr(r, attr)!r}"
+                for name, attr in (("label", "label"), ("case id", "group"), ("split", "split"))
+                if getattr(other, attr) != getattr(r, attr)]
+        if diff and strict:
+            conflicts.append(f"{r.path}: " + ", ".join(diff))
+        else:
+            repeated.append(r.path)
+    if conflicts:
+        raise UserError(
+            f"source '{source}' lists {len(conflicts)} file(s) twice with different values:\n  {_shown(conflicts)}\n"
+            "One image has one label, case id and split: remove the wrong rows and rerun."
+        )
+    return list(first.values()), repeated
+
+
+def check_duplicate_content(splits: dict[str, Sequence[Record]], digests: dict[str, str], target_name: str) -> None:
+    """Refuse one image (identical bytes, under any file names) in two splits of the target or with two labels."""
+    first: dict[str, Record] = {}
+    leaks, labels = [], []
+    for split in SPLITS:
+        for r in splits.get(split, ()):
+            d = digests.get(r.path)
+            if d is None:
+                continue
+            other = first.setdefault(d, r)
+            if other.path == r.path:
+                continue
+            if other.label != r.label:
+                labels.append(f"{other.path} (label '{other.label}') = {r.path} (label '{r.label}')")
+            elif other.split != r.split:
+                leaks.append(f"{other.path} ({other.split}) = {r.path} ({r.split})")
+    if labels:
+        raise UserError(
+            f"target '{target_name}': {len(labels)} image(s) appear with two labels (identical files):\n  "
+            f"{_shown(labels)}\nGive each image one label: remove the wrong copy and rerun."
+        )
+    if leaks:
+        raise UserError(
+            f"target '{target_name}': {len(leaks)} image(s) would be in two splits (identical files), so the "
+            f"test would score tiles seen in training:\n  {_shown(leaks)}\nRemove the duplicate files (or "
+            "their manifest rows) and rerun."
+        )
+
+
+def check_pool_content(pool: Sequence[Record], held_out: Sequence[Record], digests: dict[str, str],
+                       target_name: str) -> None:
+    """Refuse a pre-training pool holding a copy (identical bytes, any name) of a valid or test image."""
+    held = {digests[r.path]: r for r in held_out if r.path in digests}
+    inside = [f"{r.path} (pool source '{r.source}') = {held[digests[r.path]].path} "
+              f"({held[digests[r.path]].split} split)" for r in pool if digests.get(r.path) in held]
+    if inside:
+        raise UserError(
+            f"{len(inside)} pool file(s) are copies of valid or test images of the target '{target_name}' "
+            f"(identical files):\n  {_shown(inside)}\nValid and test tiles must never be trained on: remove "
+            "the copies from the pool source (or restrict it with 'splits:' / 'labels:') and rerun."
+        )
+
+
+def check_two_classes(classes: Sequence[str], target_name: str) -> None:
+    """Refuse a target with fewer than two classes: there is nothing to classify."""
+    if len(classes) < 2:
+        found = f"only the class '{classes[0]}'" if classes else "no class"
+        raise UserError(
+            f"target '{target_name}' has {found}; a classifier needs at least two. Add images of another "
+            "class (a <label>/ folder or label value), or list two or more in data.target.classes."
+        )

@@ -524,6 +524,9 @@ def tile_files(
     summary.n_existing = writer.n_existing
     if fmt == "manifest":
         writer.write_manifest(set(stems))
+    if files and len(reasons) == len(files):
+        raise UserError(f"tiling: none of the {len(files)} input(s) could be read:\n  " + "\n  ".join(reasons[:20])
+                        + "\nGive image files (.tif .png .jpg ...) or whole slides (with 'histodiffusion[wsi]').")
     if reasons:
         bad = reasons
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")

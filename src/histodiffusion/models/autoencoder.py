@@ -53,7 +53,7 @@ def load_vae(folder: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
     path = Path(folder) / VAE
     if not (path / "config.json").is_file():
         raise UserError(f"no trained autoencoder at {path}; run `histodiffusion train-autoencoder CONFIG` first")
-    return AutoencoderKL.from_pretrained(path).to(device).eval()
+    return AutoencoderKL.from_pretrained(path, use_safetensors=True).to(device).eval()
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def load_encoder(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     if not (folder / "config.json").is_file():
         raise UserError(f"no feature encoder at {folder}: run the stage that trains it (`histodiffusion "
                         "evaluate-generation CONFIG`) first")
-    return FeatureEncoder.from_pretrained(folder).to(device).eval()
+    return FeatureEncoder.from_pretrained(folder, use_safetensors=True).to(device).eval()
 
 
 @torch.no_grad()

@@ -70,4 +70,4 @@ def load_latent_classifier(folder: Path, device: torch.device | str = "cpu") -> 
     path = Path(folder) / CLASSIFIER
     if not (path / "config.json").is_file():
         raise UserError(f"no latent classifier at {path}; run `histodiffusion finetune CONFIG` first")
-    return LatentClassifier.from_pretrained(path).to(device).eval()
+    return LatentClassifier.from_pretrained(path, use_safetensors=True).to(device).eval()

@@ -52,5 +52,5 @@ def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[UNet2DM
     folder = Path(folder)
     if not (folder / UNET / "config.json").is_file():
         raise UserError(f"no trained UNet at {folder / UNET}; run the stage that writes it first")
-    unet = UNet2DModel.from_pretrained(folder / UNET).to(device).eval()
+    unet = UNet2DModel.from_pretrained(folder / UNET, use_safetensors=True).to(device).eval()
     return unet, DDPMScheduler.from_pretrained(folder / SCHEDULER)

@@ -14,25 +14,38 @@ from rich.table import Table
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, SourceCfg
+from histodiffusion.data import fingerprint as fp
 from histodiffusion.data import splits as sp
 from histodiffusion.data.cache import TileCache, build_cache
+from histodiffusion.data.images import image_size
 from histodiffusion.data.sources import (
+    NPZ_SEP,
     SPLIT_ALIASES,
     Record,
     data_root,
+    label_folder,
+    label_folders,
     read_csv_manifest,
     read_source,
     write_manifest,
 )
 from histodiffusion.errors import UserError
-from histodiffusion.progress import console, print_counts
+from histodiffusion.progress import console, print_counts, warn
 from histodiffusion.stages.registry import Stage, StageContext, register
 
 EVAL_SPLITS = ("train", "valid", "test")
+LARGE_FACTOR = 8
+"""A target image more than this many times data.resolution on its short side is flagged: it would
+shrink to one tile."""
+OUTPUTS = ("*.csv", "classes.json", "counts.json", "cache/*/*")
 
 
-def _read(src: SourceCfg, cfg: ExperimentConfig, root: Path) -> list[Record]:
+def _read(src: SourceCfg, cfg: ExperimentConfig, root: Path, target: bool = False) -> list[Record]:
     records = read_source(src.dataset, src.path, src.format, root, cfg.data.resolution, src.name)
+    records, repeated = sp.dedupe(records, src.name, strict=target)
+    if repeated:
+        warn(f"source '{src.name}': {len(repeated)} row(s) list a file again; each file is used once: "
+             + ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else ""))
     if src.splits:
         wanted = {SPLIT_ALIASES.get(s.lower(), s) for s in src.splits}
         records = [r for r in records if r.split in wanted]
@@ -50,7 +63,7 @@ def _tiled(src: SourceCfg, records: list[Record], folder: Path) -> list[Record]:
     """Cut the source's images into tiles (tissue only) under ``folder/tiles/<source>``."""
     from histodiffusion.data.tiling import tile_files
 
-    out = folder / "tiles" / src.name
+    out = folder / "tiles" / (label_folder(src.name) or "source")
     tile = src.tile
     summary = tile_files([Path(r.path) for r in records], out, tile.size, tile.stride, tile.min_tissue,
                          "manifest", label="unlabeled", progress=False)
@@ -65,7 +78,7 @@ def _tiled(src: SourceCfg, records: list[Record], folder: Path) -> list[Record]:
 
 def _target(cfg: ExperimentConfig, root: Path) -> tuple[dict[str, list[Record]], list[Record], str, list[str]]:
     t = cfg.data.target
-    records = _read(t, cfg, root)
+    records = _read(t, cfg, root, target=True)
     unlabeled = [r for r in records if not r.label]
     if unlabeled:
         raise UserError(f"target '{t.name}': {len(unlabeled)} image(s) have no label (e.g. {unlabeled[0].path}); "
@@ -77,6 +90,8 @@ def _target(cfg: ExperimentConfig, root: Path) -> tuple[dict[str, list[Record]],
                             f"(it has {sorted({r.label for r in records})})")
         records = [r for r in records if r.label in set(t.classes)]
     classes = list(t.classes) if t.classes else sorted({r.label for r in records})  # type: ignore[misc]
+    sp.check_two_classes(classes, t.name)
+    label_folders(classes)  # synthetic tiles go to tiles/<label>/: refuse labels no folder can hold
     splits, used = sp.split_target(records, t.split_by, t.split_fractions, t.split_seed, t.valid_fraction)
     if t.max_per_class:
         for s in EVAL_SPLITS:
@@ -93,7 +108,9 @@ def _disjoint_splits(src: SourceCfg, cfg: ExperimentConfig) -> bool:
     return not norm(src.splits) & norm(t.splits)
 
 
-def _pool(cfg: ExperimentConfig, root: Path, folder: Path, target_all: list[Record]) -> list[Record]:
+def _pool(cfg: ExperimentConfig, root: Path, folder: Path, target_all: list[Record],
+          originals: list[str]) -> list[Record]:
+    """The pre-training pool's records; the files of tiled sources are added to ``originals``."""
     target_name = cfg.data.target.name
     pool: list[Record] = []
     for src in cfg.data.pool:
@@ -103,6 +120,7 @@ def _pool(cfg: ExperimentConfig, root: Path, folder: Path, target_all: list[Reco
                             "one dataset may serve both, e.g. pool splits: [train], target splits: [test]")
         records = _read(src, cfg, root)
         if src.tile is not None:
+            originals += [r.path for r in records]
             records = _tiled(src, records, folder)
         if src.max_images:
             records = sp.weighted_sample(records, src.max_images, cfg.seed)
@@ -137,7 +155,14 @@ def run(ctx: StageContext) -> dict:
     console.print(f"data root: {root}")
     splits, target_all, mode, classes = _target(cfg, root)
     sp.check_group_leakage(splits)
-    pool = _pool(cfg, root, ctx.folder, target_all)
+    seen = [r.path for s in EVAL_SPLITS for r in splits[s]]
+    digests = fp.digests(seen, "hashing the target")
+    sp.check_duplicate_content(splits, digests, cfg.data.target.name)
+    _warn_large(splits, cfg.data.resolution)
+    pool = _pool(cfg, root, ctx.folder, target_all, seen)
+    digests.update(fp.digests([r.path for r in pool], "hashing the pool"))
+    sp.check_pool_content(pool, splits["valid"] + splits["test"], digests, cfg.data.target.name)
+    seen += [r.path for r in pool]
     splits = {s: _cached(splits[s], s, ctx) for s in EVAL_SPLITS}
     if cfg.data.pool_target_train:
         pool += target_train_unlabeled(cfg, splits["train"])
@@ -154,6 +179,7 @@ def run(ctx: StageContext) -> dict:
                "pool": {"total": len(pool), "by_source": pool_sources}, "resolution": cfg.data.resolution}
     io.write_json(ctx.folder / "classes.json", classes)
     io.write_json(ctx.folder / "counts.json", summary)
+    fp.write_fingerprint(ctx.folder, fp.input_facts(seen, digests), fp.output_facts(ctx.folder, OUTPUTS))
     print_counts(f"{cfg.experiment}: target '{cfg.data.target.name}' (split by {mode})", table, classes)
     src_table = Table(title="pre-training pool (labels ignored)")
     src_table.add_column("source")
@@ -165,10 +191,44 @@ def run(ctx: StageContext) -> dict:
     return summary
 
 
+def _warn_large(splits: dict[str, list[Record]], resolution: int) -> None:
+    """Warn about target images so large that shrinking each to one tile loses its detail."""
+    large = []
+    for r in (r for s in EVAL_SPLITS for r in splits[s] if NPZ_SEP not in r.path):
+        size = image_size(r.path)
+        if size is not None and min(size) > LARGE_FACTOR * resolution:
+            large.append(f"{r.path} ({size[0]}x{size[1]})")
+    if large:
+        warn(f"{len(large)} target image(s) are more than {LARGE_FACTOR}x data.resolution ({resolution} px) on "
+             f"their short side; each becomes one {resolution} px tile and loses its detail: "
+             + ", ".join(large[:5]) + (" ..." if len(large) > 5 else "")
+             + ". Cut them into tiles first (`histodiffusion data tile FILES --out DIR --label LABEL`, once per "
+             "class, then data.target.path: DIR); a pool source takes `tile: {size: N}` instead.")
+
+
+def verify(ctx: StageContext) -> None:
+    """Refuse to reuse a finished data stage whose input files changed since it ran."""
+    found = fp.changed_inputs(ctx.folder)
+    if found is None:  # prepared before fingerprints were written
+        return
+    changed, missing = found
+    if changed:
+        shown = "\n  ".join(changed[:10]) + (f"\n  ... and {len(changed) - 10} more" if len(changed) > 10 else "")
+        raise UserError(
+            f"the data changed since stage 'data' ran in {ctx.run_dir.root}: {len(changed)} file(s) it read "
+            f"now differ:\n  {shown}\nIts manifests and tile caches, and every later stage, describe the old "
+            "data. Rerun with --force data (`histodiffusion run CONFIG --force data`) to prepare the data again "
+            "and redo what depends on it, or restore the files."
+        )
+    if missing:
+        warn(f"{len(missing)} file(s) stage 'data' read are no longer where they were (e.g. {missing[0]}); "
+             "the run goes on with its tile caches.")
+
+
 def _exclude(cfg: ExperimentConfig) -> tuple[str, ...]:
     # The budgets only change the pool in the practical protocol (their subsets stay out of it).
     return () if cfg.data.pool_target_train else ("data.target.budgets",)
 
 
 STAGE = register(Stage("data", "data prepare", ("data", "seed"), (), run, description="manifests and tile caches",
-                       exclude=_exclude))
+                       exclude=_exclude, verify=verify))

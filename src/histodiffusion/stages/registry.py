@@ -7,6 +7,7 @@ stage commands from it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -80,6 +81,9 @@ class Stage:
     extendable: bool = False
     """A training stage: rerun with more ``steps`` and nothing else changed, it continues from its
     last checkpoint instead of being refused."""
+    verify: Callable[[StageContext], None] | None = None
+    """Run when a rerun finds the stage done: raises when its results no longer describe its
+    inputs (the data stage: files changed under the data root)."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -127,6 +131,34 @@ def upstream_of(stage: Stage, cfg: ExperimentConfig) -> tuple[str, ...]:
 def active_stages(cfg: ExperimentConfig) -> list[str]:
     """The pipeline's stages for this config (the conditional baseline only when enabled)."""
     return [s for s in PIPELINE if s != "conditional" or cfg.conditional.enabled]
+
+
+def downstream_of(name: str, cfg: ExperimentConfig) -> list[str]:
+    """The active stages whose upstream chain includes stage ``name``, in pipeline order."""
+    stages, found = load_stages(), {name}
+    for s in active_stages(cfg):  # pipeline order: a stage's upstream stages come before it
+        if found & set(upstream_of(stages[s], cfg)):
+            found.add(s)
+    return [s for s in active_stages(cfg) if s in found and s != name]
+
+
+def invalidate_downstream(name: str, cfg: ExperimentConfig, run_dir: RunDir) -> list[str]:
+    """Mark every started stage downstream of ``name`` stale (redone when it next runs); returns their keys."""
+    marked = []
+    for s in downstream_of(name, cfg):
+        marked += [key for key, _ in stage_keys(load_stages()[s], cfg) if run_dir.invalidate(key)]
+    if marked:
+        console.print(f"[yellow]{name} is redone, so these stages will be redone when they next run: "
+                      f"{', '.join(marked)}[/]")
+    return marked
+
+
+def run_dir_lock(run_dir: RunDir, cfg: ExperimentConfig):
+    """The run directory's lock for this process; under ``accelerate launch`` the main process
+    holds it for the whole launch, the others take none."""
+    from accelerate import PartialState
+
+    return run_dir.lock() if PartialState(cpu=cfg.device == "cpu").is_main_process else contextlib.nullcontext()
 
 
 def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | float | None]]:
@@ -197,21 +229,28 @@ def stage_hash(stage: Stage, cfg: ExperimentConfig, run_dir: RunDir, budget: int
 
 
 def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = False) -> list[dict]:
-    """Run one stage (every budget of a per-budget stage), skipping finished parts.
+    """Run one stage (every budget of a per-budget stage), skipping finished parts; ``force`` redoes
+    it and marks every stage downstream of it stale.
 
-    Under ``accelerate launch`` only the main process does the bookkeeping and runs the
-    single-process stages; the others wait for it.
+    Holds the run directory's lock. Under ``accelerate launch`` only the main process does the
+    bookkeeping and runs the single-process stages; the others wait for it.
     """
+    with run_dir_lock(run_dir, cfg):
+        return _run_stage(name, cfg, run_dir, force)
+
+
+def _run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool) -> list[dict]:
     from accelerate import PartialState
 
     state = PartialState(cpu=cfg.device == "cpu")
     stage = load_stages()[name]
-    if state.is_main_process:
-        run_dir.write_config(cfg)
-    summaries = []
+    summaries, began = [], False
     for key, budget in stage_keys(stage, cfg):
         h = stage_hash(stage, cfg, run_dir, budget)
+        ctx = StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)
         if not force and run_dir.is_done(key, h):
+            if stage.verify is not None:
+                stage.verify(ctx)
             console.print(f"[dim]{key}: already done (config hash {h}); skipping. Use --force {name} to redo.[/]")
             summaries.append({"key": key, "skipped": True})
             continue
@@ -221,6 +260,11 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
         if state.is_main_process:
             run_dir.begin(key, h, force=force or stage.rebuild, base_hash=base, steps=steps,
                           extend=extended_from is not None)
+            if not began:  # the checks passed: the run directory now describes this config
+                run_dir.write_config(cfg)
+                if force:
+                    invalidate_downstream(name, cfg, run_dir)
+            began = True
             console.print(f"[bold cyan]{key}[/]: running in {run_dir.stage_dir(key)}")
             if extended_from:
                 console.print(f"{key}: continuing from its last checkpoint with more steps ("
@@ -229,8 +273,13 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
         state.wait_for_everyone()
         t0 = time.time()
         summary = {}
-        if stage.distributed or state.is_main_process:
-            summary = stage.fn(StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)) or {}
+        try:
+            if stage.distributed or state.is_main_process:
+                summary = stage.fn(ctx) or {}
+        except BaseException:
+            if state.is_main_process:
+                run_dir.abandon(key)  # forgotten when it failed before writing anything
+            raise
         state.wait_for_everyone()
         summary["wall_seconds"] = round(time.time() - t0, 1)
         if extended_from:
@@ -244,7 +293,8 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
 
 def run_pipeline(cfg: ExperimentConfig, run_dir: RunDir, start: str | None = None, stop: str | None = None,
                  force: tuple[str, ...] = ()) -> None:
-    """Run stages ``start``..``stop`` (inclusive) in order; ``force`` names stages to redo."""
+    """Run stages ``start``..``stop`` (inclusive) in order; ``force`` names stages to redo (each with
+    every stage downstream of it)."""
     stages = active_stages(cfg)
     for name in (start, stop, *force):
         if name is not None and name not in stages:
@@ -253,6 +303,7 @@ def run_pipeline(cfg: ExperimentConfig, run_dir: RunDir, start: str | None = Non
     last = stages.index(stop) if stop else len(stages) - 1
     if first > last:
         raise UserError(f"--from {start} comes after --to {stop}")
-    for name in stages[first:last + 1]:
-        run_stage(name, cfg, run_dir, force=name in force)
+    with run_dir_lock(run_dir, cfg):
+        for name in stages[first:last + 1]:
+            run_stage(name, cfg, run_dir, force=name in force)
     console.print(f"[green]done: {', '.join(stages[first:last + 1])} in {run_dir.root}[/]")

@@ -10,6 +10,7 @@ and the set is the same whatever the batch size or number of processes. Under
 from __future__ import annotations
 
 import csv
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from histodiffusion.data.prepared import (
     real_examples,
     split_records,
 )
+from histodiffusion.data.sources import label_folders
 from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
 from histodiffusion.errors import UserError
@@ -58,14 +60,38 @@ def class_scales(cfg: ExperimentConfig, classes: list[str]) -> torch.Tensor:
     return torch.tensor([cfg.synthesize.class_scales.get(c, cfg.synthesize.guidance_scale) for c in classes])
 
 
+def read_part(part: Path) -> list[dict]:
+    """The complete rows of a process's part file. An interrupted process may have left it empty,
+    without its header or with a torn last row: those rows are not taken (their tiles are redone)."""
+    text = part.read_text(encoding="utf-8", errors="replace") if part.is_file() else ""
+    records = list(csv.reader(StringIO(text, newline="")))
+    if text and not text.endswith("\n"):
+        records = records[:-1]  # the last row was cut short
+    rows = []
+    for values in records:
+        row = dict(zip(FIELDS, values, strict=False))
+        if len(values) == len(FIELDS) and values != FIELDS and row["index"].isdigit():
+            rows.append(row)
+    return rows
+
+
 def _done_indices(out: Path) -> dict[int, dict]:
+    """Tile index -> manifest row of every tile made so far (its row complete and its PNG on disk)."""
     rows: dict[int, dict] = {}
     for part in sorted(out.glob("manifest.part-*.csv")):
-        with open(part, newline="") as f:
-            for row in csv.DictReader(f):
-                if (out / row["path"]).is_file():
-                    rows[int(row["index"])] = row
+        for row in read_part(part):
+            if (out / row["path"]).is_file():
+                rows[int(row["index"])] = row
     return rows
+
+
+def _restart_part(part: Path) -> None:
+    """Rewrite a process's part file as its header and its complete rows, so appending to it is safe."""
+    rows = read_part(part)
+    with io.atomic_path(part) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def unet_folder(ctx: StageContext, source: str) -> Path:
@@ -91,6 +117,7 @@ def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_p
     pred = noise_scheduler.config.prediction_type
     shas = {"unet_sha256": io.weights_hash(folder / UNET), "classifier_sha256": io.weights_hash(finetune / CLASSIFIER)}
     cls_of = dict(todo_plan)
+    folders = label_folders(classes)
     done = _done_indices(out)
     mine = [k for k, _ in todo_plan[state.process_index::state.num_processes] if k not in done]
 
@@ -102,21 +129,18 @@ def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_p
         return guided_eps(base, classifier, y, scales.to(device)[y], alphas, cfg.synthesize.guidance_max_timestep)
 
     part = out / f"manifest.part-{state.process_index}.csv"
-    part.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not part.is_file()
+    _restart_part(part)
     s = cfg.sampling
-    with open(part, "a", newline="") as f, progress_bar(f"synthesize {source}", total=len(mine),
-                                                         enabled=state.is_main_process, unit="tiles") as advance:
+    with open(part, "a", newline="", encoding="utf-8") as f, progress_bar(
+            f"synthesize {source}", total=len(mine), enabled=state.is_main_process, unit="tiles") as advance:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
         for batch, tiles, z_0 in sample_batches(make_eps, vae, noise_scheduler, latent_shape(unet), mine, cfg.seed,
                                                 **s.model_dump(), device=device):
             y = torch.as_tensor([cls_of[int(k)] for k in batch], device=device)
             with torch.no_grad():
                 probs = classifier(z_0.float(), torch.zeros(len(batch), dtype=torch.long, device=device)).softmax(-1)
             for k, tile, c, p in zip(batch, tiles, y.tolist(), probs[torch.arange(len(y)), y].tolist(), strict=True):
-                rel = f"tiles/{classes[c]}/{int(k):06d}.png"
+                rel = f"tiles/{folders[classes[c]]}/{int(k):06d}.png"  # the label itself is in the row
                 save_png(out / rel, tile)
                 writer.writerow({"path": rel, "label": classes[c], "index": int(k), "source": source,
                                  "guidance_scale": float(scales[c]), "sampler": s.sampler, "num_steps": s.num_steps,
@@ -132,7 +156,7 @@ def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_p
 
 def _merge(out: Path) -> None:
     rows = sorted(_done_indices(out).values(), key=lambda r: int(r["index"]))
-    with io.atomic_path(out / "manifest.csv") as tmp, open(tmp, "w", newline="") as f:
+    with io.atomic_path(out / "manifest.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)

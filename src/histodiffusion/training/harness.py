@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import json
 import math
 import re
@@ -160,10 +159,10 @@ class Checkpointer:
         try:
             return self._save(state, step, accelerator)
         except (OSError, SafetensorError, RuntimeError) as err:
-            if _no_space(err):
+            if io.is_no_space(err):
                 raise UserError(f"no space left on the device while writing a checkpoint under {self.root}. "
-                                "Free some space and rerun the same command: training resumes from the last "
-                                "complete checkpoint.") from err
+                                "Free some space and rerun the same command; nothing finished is lost: "
+                                "training resumes from the last complete checkpoint.") from err
             raise
 
     def _save(self, state: TrainState, step: int, accelerator: Accelerator | None) -> Path:
@@ -238,14 +237,6 @@ class Checkpointer:
 def _barrier(accelerator: Accelerator | None) -> None:
     if accelerator is not None:
         accelerator.wait_for_everyone()
-
-
-def _no_space(err: BaseException) -> bool:
-    """True when ``err`` (an OSError, or safetensors'/torch's own wrapping of one) is a full disk."""
-    if isinstance(err, OSError):
-        return err.errno == errno.ENOSPC
-    text = str(err).lower()
-    return "no space left" in text or "enospc" in text or "errno 28" in text
 
 
 # --------------------------------------------------------------------------------- loop
