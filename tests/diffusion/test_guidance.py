@@ -98,3 +98,19 @@ def test_sampling_keeps_no_autograd_graph_across_steps(models) -> None:
     x = sample_loop(eps_fn, sampling_scheduler("ddim", s), initial_noise((3, 8, 8), gens), 5, gens)
     assert x.grad_fn is None and not x.requires_grad
     assert torch.equal(x, _run(models, "ddim", 5, 3.0))
+
+
+def test_guidance_gradient_stays_fp32_under_bf16_autocast(models) -> None:
+    """The fast path samples under bf16 autocast; the classifier's gradient is still computed in fp32."""
+    unet, clf, sched = models
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([10, 250, 500, 900])
+    y = torch.tensor([1, 0, 2, 1])
+    ref, _ = log_prob_grad(clf, x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grad, _ = log_prob_grad(clf, x, t, y)
+        eps = guided_eps(unet_eps_fn(unet, sched.config.prediction_type, sched.alphas_cumprod), clf, y, 3.0,
+                         sched.alphas_cumprod)(x, t)
+    assert grad.dtype == torch.float32 and eps.dtype == torch.float32
+    assert torch.equal(grad, ref)

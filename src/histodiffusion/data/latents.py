@@ -102,6 +102,16 @@ class LatentSet:
                                              latents_mean=index.get("latents_mean"),
                                              latents_std=index.get("latents_std"))
 
+    @classmethod
+    def from_moments(cls, mean: torch.Tensor, std: torch.Tensor, scaling_factor: float = 1.0) -> LatentSet:
+        """A latent set held in memory (no cache folder): posterior moments (N, C, h, w) and a
+        global scaling factor; for benchmarks and tests."""
+        latents = cls.__new__(cls)
+        latents.mean, latents.std = mean.float(), std.float()
+        latents.rows = torch.arange(len(mean))
+        latents.normalization = SimpleNamespace(scaling_factor=scaling_factor, latents_mean=None, latents_std=None)
+        return latents
+
     def __len__(self) -> int:
         return len(self.mean)
 

@@ -71,6 +71,24 @@ def evaluate_latent_classifier(model: LatentClassifier, noised: list[tuple], dev
     return metrics
 
 
+def latent_classifier_step_loss(model: LatentClassifier, noise_scheduler: DDPMScheduler, labeled: LatentSet,
+                                by_class: list[np.ndarray], batch_size: int, seed: int, index: int, rank: int = 0,
+                                device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """The loss (and accuracy) of micro-batch ``index``: a class-balanced batch of labeled latents
+    (``by_class``: the latent rows of each class), dihedral-augmented, noised at a uniform t.
+    Seeded by (seed, index, rank); the caller wraps it in autocast."""
+    rng = step_rng(seed, index, rank, stream=5)
+    ks = rng.integers(0, len(by_class), size=batch_size)  # class-balanced batches
+    items = np.array([rng.choice(by_class[k]) for k in ks])
+    g = step_generator(seed, index, rank, stream=5)
+    z = random_dihedral(labeled.sample(items, g).cpu(), g)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(items),), generator=g)
+    x_t = noise_scheduler.add_noise(z, torch.randn(z.shape, generator=g), t)
+    logits = model(x_t.to(device), t.to(device))
+    y = torch.as_tensor(ks, device=device)
+    return F.cross_entropy(logits.float(), y), float((logits.argmax(1) == y).float().mean())
+
+
 def train_latent_classifier(folder: Path, model: LatentClassifier, noise_scheduler: DDPMScheduler,
                             labeled: LatentSet, y: torch.Tensor, valid: LatentSet, y_valid: torch.Tensor, train,
                             *, seed: int, eval_every: int, device: str = "auto") -> dict:
@@ -84,25 +102,17 @@ def train_latent_classifier(folder: Path, model: LatentClassifier, noise_schedul
     opt, sched = make_optimizer(model.parameters(), train.lr, train.weight_decay,
                                 lr_lambda(train.lr_schedule, train.warmup_steps, train.steps))
     model, opt, sched = accelerator.prepare(model, opt, sched)
-    dev, rank, T = accelerator.device, accelerator.process_index, noise_scheduler.config.num_train_timesteps
+    dev, rank = accelerator.device, accelerator.process_index
     by_class = [torch.nonzero(y == k).flatten().numpy() for k in range(num_classes)]
     noised = noised_valid(valid, y_valid, noise_scheduler, seed)
     train_dir = folder / "classifier_training"
     best_file = folder / CLASSIFIER / "best.json"
 
     def micro_loss(step: int, m: int) -> tuple[torch.Tensor, dict]:
-        index = step * train.gradient_accumulation + m
-        rng = step_rng(seed, index, rank, stream=5)
-        ks = rng.integers(0, num_classes, size=train.batch_size)  # class-balanced batches
-        items = np.array([rng.choice(by_class[k]) for k in ks])
-        g = step_generator(seed, index, rank, stream=5)
-        z = random_dihedral(labeled.sample(items, g).cpu(), g)
-        t = torch.randint(0, T, (len(items),), generator=g)
-        x_t = noise_scheduler.add_noise(z, torch.randn(z.shape, generator=g), t)
         with accelerator.autocast():
-            logits = model(x_t.to(dev), t.to(dev))
-        loss = F.cross_entropy(logits.float(), torch.as_tensor(ks, device=dev))
-        return loss, {"loss": loss.item(), "acc": float((logits.argmax(1).cpu() == torch.as_tensor(ks)).float().mean())}
+            loss, acc = latent_classifier_step_loss(model, noise_scheduler, labeled, by_class, train.batch_size, seed,
+                                                    step * train.gradient_accumulation + m, rank, dev)
+        return loss, {"loss": loss.item(), "acc": acc}
 
     def step_fn(step: int) -> dict:
         model.train()

@@ -75,6 +75,19 @@ def load_backbone(model: nn.Module, backbone_state: dict[str, torch.Tensor]) -> 
                          f"unexpected {unexpected[:5]}")
 
 
+def tile_classifier_step_loss(model: nn.Module, tiles: torch.Tensor, labels: torch.Tensor, p: np.ndarray,
+                              batch_size: int, color_jitter: float, seed: int, step: int,
+                              device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The loss of step ``step``: a batch drawn by the weights ``p`` from (N, H, W, 3) uint8
+    ``tiles``, augmented (dihedral, colour jitter), channels_last, under ``dtype`` autocast.
+    Seeded by (seed, step)."""
+    rows = torch.as_tensor(step_rng(seed, step, stream=11).choice(len(p), size=batch_size, p=p))
+    x = classifier_augment(tiles[rows], color_jitter, step_generator(seed, step, stream=11))
+    x = x.to(device, memory_format=torch.channels_last)
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+        return F.cross_entropy(model(x).float(), labels[rows].to(device))
+
+
 def train_tile_classifier(train_tiles: np.ndarray, train_labels: np.ndarray, valid_tiles: np.ndarray,
                           valid_labels: np.ndarray, num_classes: int, seed: int, *, backbone: str, steps: int,
                           batch_size: int, lr: float, weight_decay: float, warmup_steps: int, eval_every: int,
@@ -113,11 +126,7 @@ def train_tile_classifier(train_tiles: np.ndarray, train_labels: np.ndarray, val
     last_loss = [0.0]
 
     def micro_loss(step: int) -> tuple[torch.Tensor, dict]:
-        rows = torch.as_tensor(step_rng(seed, step, stream=11).choice(len(p), size=batch_size, p=p))
-        x = classifier_augment(tiles_t[rows], color_jitter, step_generator(seed, step, stream=11))
-        x = x.to(device, memory_format=torch.channels_last)
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), labels_t[rows].to(device))
+        loss = tile_classifier_step_loss(model, tiles_t, labels_t, p, batch_size, color_jitter, seed, step, device, dtype)
         return loss, {"loss": loss.item()}
 
     def step_fn(step: int) -> dict:
