@@ -32,14 +32,19 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="Folder holding the datasets (else HISTODIFFUSION_DATA).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo this stage even if it is done.")]
+TrackOpt = Annotated[list[str] | None, typer.Option("--track", help="Log training scalars and sample grids to an "
+                                                  "experiment tracker: tensorboard, wandb or mlflow (repeatable; "
+                                                  "same as the config's tracking).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue this stage from its last checkpoint and fail "
                                          "if it was never started here (a rerun resumes anyway; this guards "
                                          "against a mistyped --run-dir starting afresh).")]
 
 
 def _load(config: Path, overrides: list[str] | None, run_dir: Path | None,
-          data_root: Path | None) -> ExperimentConfig:
+          data_root: Path | None, track: list[str] | None = None) -> ExperimentConfig:
     extra = list(overrides or [])
+    if track:
+        extra.append(f"tracking=[{', '.join(track)}]")
     if data_root is not None:
         extra.append(f"data.root={data_root}")
     if run_dir is not None:
@@ -53,11 +58,12 @@ def _dry_run(cfg: ExperimentConfig) -> None:
 
 
 def _stages(command_name: str, config: Path, overrides: list[str] | None, run_dir: Path | None,
-            data_root: Path | None, dry_run: bool, force: bool, resume: bool = False) -> None:
+            data_root: Path | None, dry_run: bool, force: bool, resume: bool = False,
+            track: list[str] | None = None) -> None:
     """Run the command's stages in order; ``--force`` and ``--resume`` apply to the last (its own stage)."""
     if force and resume:
         raise UserError("--force redoes the stage and --resume continues it: give one of them")
-    cfg = _load(config, overrides, run_dir, data_root)
+    cfg = _load(config, overrides, run_dir, data_root, track)
     if dry_run:
         _dry_run(cfg)
     from histodiffusion.rundir import RunDir, default_run_dir
@@ -77,8 +83,9 @@ def _register_stage_command(command_name: str, text: str) -> None:
     target = data_app if group == "data" else app
 
     def command(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_run: DryRunOpt = False,
-                data_root: DataRootOpt = None, force: ForceOpt = False, resume: ResumeOpt = False) -> None:
-        _stages(command_name, config, set_, run_dir, data_root, dry_run, force, resume)
+                data_root: DataRootOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
+                track: TrackOpt = None) -> None:
+        _stages(command_name, config, set_, run_dir, data_root, dry_run, force, resume, track)
 
     command.__doc__ = text
     command.__name__ = name.replace("-", "_")
@@ -168,15 +175,21 @@ def run(config: ConfigArg, run_dir: RunDirOpt = None, set_: SetOpt = None, dry_r
         data_root: DataRootOpt = None,
         start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
         stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
-        force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage (repeatable).")] = None) -> None:
-    """Run every stage in order (data ... report), skipping finished ones and resuming interrupted ones."""
+        force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage (repeatable).")] = None,
+        track: TrackOpt = None) -> None:
+    """Run every stage in order (data ... report), skipping finished ones and resuming interrupted ones;
+    at the end, print where the report is and its headline table."""
+    from histodiffusion.progress import print_headline
     from histodiffusion.rundir import RunDir, default_run_dir
     from histodiffusion.stages import run_pipeline
 
-    cfg = _load(config, set_, run_dir, data_root)
+    cfg = _load(config, set_, run_dir, data_root, track)
     if dry_run:
         _dry_run(cfg)
-    run_pipeline(cfg, RunDir(default_run_dir(cfg)), start, stop, tuple(force or ()))
+    rd = RunDir(default_run_dir(cfg))
+    run_pipeline(cfg, rd, start, stop, tuple(force or ()))
+    if (rd.root / "report" / "results.json").is_file() and stop in (None, "report"):
+        print_headline(rd.root / "report")
 
 
 # -------------------------------------------------------------------------------- config

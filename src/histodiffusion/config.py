@@ -516,6 +516,9 @@ class ExperimentConfig(_Section):
     """Where single-process stages run; multi-GPU runs go through ``accelerate launch``."""
     run_dir: str | None = None
     """Run directory; default runs/<experiment> below the current folder."""
+    tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers (accelerate's) that receive the training scalars and sample grids beside
+    metrics.jsonl; tensorboard writes under RUN_DIR/tracking (pip install 'histodiffusion[tracking]')."""
     data: DataCfg
     autoencoder: AutoencoderCfg = AutoencoderCfg()
     diffusion: DiffusionCfg = DiffusionCfg()
@@ -570,7 +573,7 @@ class ExperimentConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------ loading
-_NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir")
+_NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir", "tracking")
 # Settings that never change a stage's results (exact resume makes checkpoint cadence irrelevant).
 _NON_SEMANTIC_KEYS = frozenset({"time_limit_minutes", "log_every", "checkpoint_every", "keep_checkpoints",
                                 "sample_every"})

@@ -24,7 +24,11 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Apply an independent random dihedral transform to each item of a (N, C, H, W) batch."""
-    ks = torch.randint(0, 8, (x.shape[0],), generator=generator)
+    return dihedral_each(x, torch.randint(0, 8, (x.shape[0],), generator=generator))
+
+
+def dihedral_each(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Apply dihedral transform ``ks[i]`` (in 0..7) to item i of a (N, C, H, W) batch."""
     out = torch.empty_like(x)
     for k in range(8):
         idx = (ks == k).nonzero(as_tuple=True)[0]

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from accelerate import PartialState
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, rung_name
@@ -33,7 +32,7 @@ from histodiffusion.data.prepared import (
     split_rows,
     split_tiles,
 )
-from histodiffusion.devices import inference_device, machine
+from histodiffusion.devices import inference_device, machine, process_state
 from histodiffusion.metrics.arms import arm_summaries, label_equivalents, paired_gains
 from histodiffusion.metrics.classification import classification_metrics
 from histodiffusion.models.feature_encoder import ENCODER, load_encoder
@@ -128,7 +127,7 @@ def _run_one(ctx: StageContext, arm: Arm, seed: int, valid: tuple, test: tuple, 
 def run(ctx: StageContext) -> dict:
     """Train and test every (arm, seed) (shared out among processes); write runs/*.json and summary.json."""
     cfg, e = ctx.cfg, ctx.cfg.evaluate
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = process_state(cfg.device)
     data = ctx.upstream("data")
     classes = classes_of(data)
     device = state.device if state.num_processes > 1 else inference_device(cfg.device)
@@ -140,6 +139,7 @@ def run(ctx: StageContext) -> dict:
         backbone = load_encoder(ctx.upstream("features") / ENCODER).backbone.state_dict()
     todo = [(a, s) for a in arms if a.same_as is None for s in e.seeds_of(a.name)
             if not (ctx.folder / "runs" / f"{a.name}-seed{s}.json").is_file()]
+    state.wait_for_everyone()  # every process lists what is left before any writes: the same list to share out
     for arm, seed in todo[state.process_index::state.num_processes]:
         record = _run_one(ctx, arm, seed, valid, test, classes, backbone, device)
         io.write_json(ctx.folder / "runs" / f"{arm.name}-seed{seed}.json", record)

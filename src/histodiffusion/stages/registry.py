@@ -156,9 +156,9 @@ def invalidate_downstream(name: str, cfg: ExperimentConfig, run_dir: RunDir) -> 
 def run_dir_lock(run_dir: RunDir, cfg: ExperimentConfig):
     """The run directory's lock for this process; under ``accelerate launch`` the main process
     holds it for the whole launch, the others take none."""
-    from accelerate import PartialState
+    from histodiffusion.devices import process_state
 
-    return run_dir.lock() if PartialState(cpu=cfg.device == "cpu").is_main_process else contextlib.nullcontext()
+    return run_dir.lock() if process_state(cfg.device).is_main_process else contextlib.nullcontext()
 
 
 def stage_keys(stage: Stage, cfg: ExperimentConfig) -> list[tuple[str, int | float | None]]:
@@ -240,9 +240,9 @@ def run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool = F
 
 
 def _run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool) -> list[dict]:
-    from accelerate import PartialState
+    from histodiffusion.devices import process_state
 
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = process_state(cfg.device)
     stage = load_stages()[name]
     summaries, began = [], False
     for key, budget in stage_keys(stage, cfg):
@@ -275,7 +275,8 @@ def _run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool) -
         summary = {}
         try:
             if stage.distributed or state.is_main_process:
-                summary = stage.fn(ctx) or {}
+                with _tracked(cfg, run_dir, key, state.is_main_process):
+                    summary = stage.fn(ctx) or {}
         except BaseException:
             if state.is_main_process:
                 run_dir.abandon(key)  # forgotten when it failed before writing anything
@@ -289,6 +290,14 @@ def _run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool) -
         state.wait_for_everyone()
         summaries.append({"key": key, **summary})
     return summaries
+
+
+def _tracked(cfg: ExperimentConfig, run_dir: RunDir, key: str, main: bool):
+    """The stage's experiment-tracking session (``cfg.tracking``), on the main process only."""
+    from histodiffusion import tracking
+
+    backends = list(cfg.tracking) if main else []
+    return tracking.session(backends, run_dir.root / "tracking", key.replace("/", "-"), cfg.experiment, cfg.to_dict())
 
 
 def run_pipeline(cfg: ExperimentConfig, run_dir: RunDir, start: str | None = None, stop: str | None = None,

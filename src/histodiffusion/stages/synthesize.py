@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig
@@ -27,6 +26,7 @@ from histodiffusion.data.prepared import (
     split_records,
 )
 from histodiffusion.data.sources import label_folders
+from histodiffusion.devices import process_state
 from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
 from histodiffusion.errors import UserError
@@ -104,7 +104,7 @@ def unet_folder(ctx: StageContext, source: str) -> Path:
 def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_plan: list[tuple[int, int]]) -> Path:
     """Make the tiles of one source (guided / unguided / conditional) into ``folder/<source>``."""
     cfg = ctx.cfg
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = process_state(cfg.device)
     device = state.device
     out = ctx.folder / source
     finetune = ctx.upstream("finetune")

@@ -8,6 +8,7 @@ recipe, per channel by default) is written into the model's diffusers config (``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from histodiffusion.data.augment import random_dihedral
+from histodiffusion import tracking
+from histodiffusion.data.augment import dihedral_each
 from histodiffusion.data.cache import TileCache
 from histodiffusion.data.images import tiles_to_tensor
 from histodiffusion.errors import StagePaused
@@ -28,7 +30,7 @@ from histodiffusion.models.autoencoder import (
     reconstruct_tiles,
     ssim,
 )
-from histodiffusion.seeding import step_generator, step_rng
+from histodiffusion.seeding import process_rows, step_generator, step_rng
 from histodiffusion.training.harness import (
     LoopSpec,
     TrainState,
@@ -71,6 +73,22 @@ class PoolSampler:
         n = min(size, int(np.count_nonzero(self.p)))
         rng = np.random.default_rng([seed, 78])
         return np.sort(self.train[rng.choice(len(self.train), size=n, replace=False, p=self.p)])
+
+
+class Reconstruction(torch.nn.Module):
+    """Encode, sample the posterior with given noise, decode: one forward, so that under DDP the
+    autoencoder's gradients are averaged over processes (calling ``encode``/``decode`` on the bare
+    model would bypass DDP)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: Callable[[torch.Size], torch.Tensor]) -> tuple[torch.Tensor, object]:
+        """The reconstruction of ``x`` and its posterior; ``noise(shape)`` gives the posterior's noise."""
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean + dist.std * noise(dist.mean.shape).to(x.device)
+        return self.vae.decode(z).sample, dist
 
 
 def _crop(x: torch.Tensor, size: int | None, g: torch.Generator) -> torch.Tensor:
@@ -138,26 +156,29 @@ def train_autoencoder(folder: Path, vae: AutoencoderKL, data: PoolSampler, train
                                 lr_lambda(train.lr_schedule, train.warmup_steps, train.steps), betas)
     disc = PatchDiscriminator() if disc_weight > 0 else None
     lpips = load_lpips() if perceptual_weight > 0 else None
+    # The schedule is not prepared: accelerate would step it once per process per optimiser step.
+    recon = Reconstruction(vae)
     if disc is not None:
         d_opt = torch.optim.AdamW(disc.parameters(), lr=train.lr, betas=(0.5, 0.9))
-        vae, opt, sched, disc, d_opt = accelerator.prepare(vae, opt, sched, disc, d_opt)
+        recon, opt, disc, d_opt = accelerator.prepare(recon, opt, disc, d_opt)
     else:
-        vae, opt, sched = accelerator.prepare(vae, opt, sched)
+        recon, opt = accelerator.prepare(recon, opt)
     if lpips is not None:
         lpips = lpips.to(accelerator.device)
-    rank, dev = accelerator.process_index, accelerator.device
-    model = accelerator.unwrap_model(vae)
+    rank, world, dev = accelerator.process_index, accelerator.num_processes, accelerator.device
+    model = vae  # the bare autoencoder (on the device now): checkpoints, previews, measurements
     last: dict[str, torch.Tensor] = {}  # the latest micro-batch, for the discriminator step
 
     def micro_loss(step: int, m: int) -> tuple[torch.Tensor, dict]:
+        # Every draw is made for the global batch (all processes) and this process takes its rows.
         index = step * train.gradient_accumulation + m
-        g = step_generator(seed, index, rank)
-        x = tiles_to_tensor(data.cache.take(data.batch(step_rng(seed, index, rank), train.batch_size)))
-        x = random_dihedral(_crop(x, train_crop, g), g).to(dev)
+        n, mine = train.batch_size * world, process_rows(train.batch_size, rank)
+        g = step_generator(seed, index)
+        x = tiles_to_tensor(data.cache.take(data.batch(step_rng(seed, index), n)[mine]))
+        x = _crop(x, train_crop, g)
+        x = dihedral_each(x, torch.randint(0, 8, (n,), generator=g)[mine]).to(dev)
         with accelerator.autocast():
-            dist = model.encode(x).latent_dist
-            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dev)
-            rec = model.decode(z).sample
+            rec, dist = recon(x, lambda shape: torch.randn((n, *shape[1:]), generator=g)[mine])
         rec = rec.float()
         l1 = F.l1_loss(rec, x)
         ssim_term = 1 - ssim(rec, x).mean()
@@ -178,10 +199,11 @@ def train_autoencoder(folder: Path, vae: AutoencoderKL, data: PoolSampler, train
         return loss, {"loss": loss.item(), **metrics}
 
     def step_fn(step: int) -> dict:
-        vae.train()
-        metrics = accumulate_step(accelerator, vae, opt, sched, lambda m: micro_loss(step, m),
+        recon.train()
+        metrics = accumulate_step(accelerator, recon, opt, sched, lambda m: micro_loss(step, m),
                                   train.gradient_accumulation, train.grad_clip)
         if disc is not None and step >= disc_start:
+            d_opt.zero_grad(set_to_none=True)  # drop what the generator's adversarial loss left there
             d_loss = hinge_d_loss(disc(last["real"]), disc(last["fake"]))
             accelerator.backward(d_loss)
             d_opt.step()
@@ -193,14 +215,15 @@ def train_autoencoder(folder: Path, vae: AutoencoderKL, data: PoolSampler, train
     def on_sample(step: int) -> None:
         tiles = data.cache.take(data.holdout[:16])
         model.eval()
-        pair = np.concatenate([tiles, reconstruct_tiles(model, tiles)])
-        save_image(grid(pair, ncol=16), folder / "reconstructions" / f"step-{step:07d}.png", scale=2)
+        pair = grid(np.concatenate([tiles, reconstruct_tiles(model, tiles)]), ncol=16)
+        save_image(pair, folder / "reconstructions" / f"step-{step:07d}.png", scale=2)
+        tracking.log_image("reconstructions", pair, step)
 
     spec = LoopSpec(train.steps, train.log_every, train.checkpoint_every, train.keep_checkpoints,
                     sample_every=max(train.checkpoint_every, 1), images_per_step=train.batch_size *
                     train.gradient_accumulation, description="autoencoder",
                     time_limit_s=train.time_limit_minutes * 60 if train.time_limit_minutes else None)
-    reached = run_loop(spec, step_fn, folder=folder, state=TrainState(vae, opt, sched), accelerator=accelerator,
+    reached = run_loop(spec, step_fn, folder=folder, state=TrainState(model, opt, sched), accelerator=accelerator,
                        on_sample=on_sample)
     if reached < train.steps:
         raise StagePaused(f"autoencoder: stopped at step {reached}/{train.steps} after its time limit "

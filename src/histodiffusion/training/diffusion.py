@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from histodiffusion import tracking
 from histodiffusion.data.augment import random_dihedral
 from histodiffusion.data.latents import LatentSet
 from histodiffusion.diffusion.losses import diffusion_loss
 from histodiffusion.errors import StagePaused
 from histodiffusion.models.unet import UNET, save_unet
-from histodiffusion.seeding import step_generator, step_rng
+from histodiffusion.seeding import process_rows, step_generator, step_rng
 from histodiffusion.training.harness import (
     EMA,
     LoopSpec,
@@ -30,24 +31,28 @@ from histodiffusion.viz import grid, save_image
 
 
 def diffusion_step_loss(unet: torch.nn.Module, noise_scheduler: DDPMScheduler, latents: LatentSet, p: np.ndarray,
-                        batch_size: int, seed: int, index: int, rank: int = 0, dihedral: bool = True,
+                        batch_size: int, seed: int, index: int, rank: int = 0, world: int = 1, dihedral: bool = True,
                         min_snr_gamma: float | None = None, labels: torch.Tensor | None = None,
                         device: torch.device | str = "cpu") -> torch.Tensor:
-    """The loss of micro-batch ``index`` (global over steps and accumulation): draw latents by the
-    weights ``p``, augment, noise at a uniform t, and score the UNet's prediction (min-SNR weighted).
+    """The loss of process ``rank``'s share of micro-batch ``index`` (global over steps and
+    accumulation): draw latents by the weights ``p``, augment, noise at a uniform t, and score the
+    UNet's prediction (min-SNR weighted).
 
-    Every draw is seeded by (seed, index, rank), so the batch is the same whatever the batch
-    history: resumes are exact. The caller wraps it in autocast.
+    Every draw is seeded by (seed, index) and made for the global batch of ``batch_size`` x
+    ``world`` items, of which this process takes rows ``[rank*batch_size, (rank+1)*batch_size)``:
+    the batch does not depend on the batch history (resumes are exact) nor on how it is split
+    among processes. The caller wraps it in autocast.
     """
-    rows = step_rng(seed, index, rank).choice(len(latents), size=batch_size, p=p)
-    g = step_generator(seed, index, rank)
+    n, mine = batch_size * world, process_rows(batch_size, rank)
+    rows = step_rng(seed, index).choice(len(latents), size=n, p=p)
+    g = step_generator(seed, index)
     z = latents.sample(rows, g)
     if dihedral:
         z = random_dihedral(z, g)
-    noise = torch.randn(z.shape, generator=g).to(device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z.shape[0],), generator=g).to(device)
-    y = None if labels is None else labels[torch.as_tensor(rows)].to(device)
-    return diffusion_loss(unet, noise_scheduler, z, noise, t, min_snr_gamma, y)
+    noise = torch.randn(z.shape, generator=g)[mine].to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g)[mine].to(device)
+    y = None if labels is None else labels[torch.as_tensor(rows[mine])].to(device)
+    return diffusion_loss(unet, noise_scheduler, z[mine], noise, t, min_snr_gamma, y)
 
 
 def train_diffusion(folder: Path, unet: UNet2DModel, noise_scheduler: DDPMScheduler, latents: LatentSet,
@@ -73,11 +78,12 @@ def train_diffusion(folder: Path, unet: UNet2DModel, noise_scheduler: DDPMSchedu
     opt, sched = make_optimizer(unet.parameters(), train.lr, train.weight_decay,
                                 lr_lambda(train.lr_schedule, train.warmup_steps, train.steps))
     ema = EMA(unet, train.ema_decay)
-    unet, opt, sched = accelerator.prepare(unet, opt, sched)
+    # The schedule is not prepared: accelerate would step it once per process per optimiser step.
+    unet, opt = accelerator.prepare(unet, opt)
     ema.shadow.to(accelerator.device)
     latents.to(accelerator.device)
     p = weights / weights.sum()
-    rank = accelerator.process_index
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     def step_fn(step: int) -> dict:
         unet.train()
@@ -85,8 +91,8 @@ def train_diffusion(folder: Path, unet: UNet2DModel, noise_scheduler: DDPMSchedu
         def micro_loss(m: int) -> tuple[torch.Tensor, dict]:
             with accelerator.autocast():
                 loss = diffusion_step_loss(unet, noise_scheduler, latents, p, train.batch_size, seed,
-                                           step * train.gradient_accumulation + m, rank, dihedral, min_snr_gamma,
-                                           labels, accelerator.device)
+                                           step * train.gradient_accumulation + m, rank, world, dihedral,
+                                           min_snr_gamma, labels, accelerator.device)
             return loss, {"loss": loss.item()}
 
         metrics = accumulate_step(accelerator, unet, opt, sched, micro_loss, train.gradient_accumulation,
@@ -95,7 +101,9 @@ def train_diffusion(folder: Path, unet: UNet2DModel, noise_scheduler: DDPMSchedu
 
     def on_sample(step: int) -> None:
         if preview is not None:
-            save_image(grid(preview(ema.shadow)), folder / "samples" / f"step-{step:07d}.png", scale=2)
+            tiles = grid(preview(ema.shadow))
+            save_image(tiles, folder / "samples" / f"step-{step:07d}.png", scale=2)
+            tracking.log_image("samples", tiles, step)
 
     spec = LoopSpec(train.steps, train.log_every, train.checkpoint_every, train.keep_checkpoints,
                     sample_every=preview_every or train.steps,

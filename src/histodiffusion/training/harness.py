@@ -3,9 +3,9 @@ and one flat loop (edm2-style: resume -> for each step: step, EMA, log, sample, 
 
 Checkpoints hold no pickle: weights, optimiser moments, EMA and RNG states are safetensors, the
 rest JSON, so a run directory from someone else never runs code when it is resumed. Every random
-draw a step makes is seeded by ``(seed, step, process)`` (:mod:`histodiffusion.seeding`); the
-global torch RNG (dropout) is saved too, so a resumed run reaches exactly the weights of an
-uninterrupted one.
+draw a step makes is seeded by ``(seed, step)`` (:mod:`histodiffusion.seeding`; under accelerate
+each process takes its slice of the global batch); the global torch RNG (dropout) is saved too,
+so a resumed run reaches exactly the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from histodiffusion import io
+from histodiffusion import io, tracking
 from histodiffusion.devices import resolve_mixed_precision
 from histodiffusion.errors import UserError
 from histodiffusion.progress import console, progress_bar
@@ -234,6 +234,16 @@ class Checkpointer:
         return step
 
 
+def _agreed(flag: bool, accelerator: Accelerator | None) -> bool:
+    """``flag`` as the main process sees it, on every process (each process's clock differs: a time
+    limit decided per process would leave the others waiting in a collective)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(torch.tensor([int(flag)], device=accelerator.device)).item())
+
+
 def _barrier(accelerator: Accelerator | None) -> None:
     if accelerator is not None:
         accelerator.wait_for_everyone()
@@ -293,6 +303,7 @@ def run_loop(spec: LoopSpec, step_fn: Callable[[int], dict], *, folder: Path | N
                           "images_per_s": round(rate, 2), "time": now}
                 if log_path is not None and main:
                     io.append_jsonl(log_path, record)
+                    tracking.log(record, done)
                 window, t_last, n_last = {}, now, done
                 speed = {"images/s": round(rate, 1)}
             advance(1, **{k: round(float(v), 4) for k, v in metrics.items() if k in ("loss", "lr")}, **speed)
@@ -300,7 +311,8 @@ def run_loop(spec: LoopSpec, step_fn: Callable[[int], dict], *, folder: Path | N
                 if main:
                     on_sample(done)
                 _barrier(accelerator)
-            out_of_time = spec.time_limit_s is not None and time.time() - t_start > spec.time_limit_s
+            out_of_time = spec.time_limit_s is not None and _agreed(time.time() - t_start > spec.time_limit_s,
+                                                                    accelerator)
             if ckpt is not None and (done % spec.checkpoint_every == 0 or done == spec.steps or out_of_time):
                 ckpt.save(state, done, accelerator)
             if out_of_time and done < spec.steps:
@@ -332,7 +344,7 @@ def accumulate_step(accelerator: Accelerator | None, model: torch.nn.Module, opt
         norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if accelerator is not None else \
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    if lr_scheduler is not None:
+    if lr_scheduler is not None and not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if norm is not None:

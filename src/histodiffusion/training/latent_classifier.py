@@ -20,7 +20,7 @@ from histodiffusion import io
 from histodiffusion.data.augment import random_dihedral
 from histodiffusion.data.latents import LatentSet
 from histodiffusion.models.latent_classifier import CLASSIFIER, LatentClassifier
-from histodiffusion.seeding import step_generator, step_rng
+from histodiffusion.seeding import process_rows, step_generator, step_rng
 from histodiffusion.training.harness import (
     LoopSpec,
     TrainState,
@@ -73,19 +73,22 @@ def evaluate_latent_classifier(model: LatentClassifier, noised: list[tuple], dev
 
 def latent_classifier_step_loss(model: LatentClassifier, noise_scheduler: DDPMScheduler, labeled: LatentSet,
                                 by_class: list[np.ndarray], batch_size: int, seed: int, index: int, rank: int = 0,
-                                device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """The loss (and accuracy) of micro-batch ``index``: a class-balanced batch of labeled latents
-    (``by_class``: the latent rows of each class), dihedral-augmented, noised at a uniform t.
-    Seeded by (seed, index, rank); the caller wraps it in autocast."""
-    rng = step_rng(seed, index, rank, stream=5)
-    ks = rng.integers(0, len(by_class), size=batch_size)  # class-balanced batches
+                                world: int = 1, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """The loss (and accuracy) of process ``rank``'s share of micro-batch ``index``: a class-balanced
+    batch of labeled latents (``by_class``: the latent rows of each class), dihedral-augmented,
+    noised at a uniform t. Seeded by (seed, index) and drawn for the global batch of ``batch_size``
+    x ``world`` items, of which this process takes rows ``[rank*batch_size, (rank+1)*batch_size)``;
+    the caller wraps it in autocast."""
+    n, mine = batch_size * world, process_rows(batch_size, rank)
+    rng = step_rng(seed, index, stream=5)
+    ks = rng.integers(0, len(by_class), size=n)  # class-balanced batches
     items = np.array([rng.choice(by_class[k]) for k in ks])
-    g = step_generator(seed, index, rank, stream=5)
+    g = step_generator(seed, index, stream=5)
     z = random_dihedral(labeled.sample(items, g).cpu(), g)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(items),), generator=g)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g)
     x_t = noise_scheduler.add_noise(z, torch.randn(z.shape, generator=g), t)
-    logits = model(x_t.to(device), t.to(device))
-    y = torch.as_tensor(ks, device=device)
+    logits = model(x_t[mine].to(device), t[mine].to(device))
+    y = torch.as_tensor(ks[mine], device=device)
     return F.cross_entropy(logits.float(), y), float((logits.argmax(1) == y).float().mean())
 
 
@@ -101,8 +104,9 @@ def train_latent_classifier(folder: Path, model: LatentClassifier, noise_schedul
     accelerator = make_accelerator(device, train.mixed_precision)
     opt, sched = make_optimizer(model.parameters(), train.lr, train.weight_decay,
                                 lr_lambda(train.lr_schedule, train.warmup_steps, train.steps))
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-    dev, rank = accelerator.device, accelerator.process_index
+    # The schedule is not prepared: accelerate would step it once per process per optimiser step.
+    model, opt = accelerator.prepare(model, opt)
+    dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     by_class = [torch.nonzero(y == k).flatten().numpy() for k in range(num_classes)]
     noised = noised_valid(valid, y_valid, noise_scheduler, seed)
     train_dir = folder / "classifier_training"
@@ -111,7 +115,7 @@ def train_latent_classifier(folder: Path, model: LatentClassifier, noise_schedul
     def micro_loss(step: int, m: int) -> tuple[torch.Tensor, dict]:
         with accelerator.autocast():
             loss, acc = latent_classifier_step_loss(model, noise_scheduler, labeled, by_class, train.batch_size, seed,
-                                                    step * train.gradient_accumulation + m, rank, dev)
+                                                    step * train.gradient_accumulation + m, rank, world, dev)
         return loss, {"loss": loss.item(), "acc": acc}
 
     def step_fn(step: int) -> dict:
