@@ -162,12 +162,12 @@ def test_data_fetch_offline_says_where_to_put_files(tmp_path: Path) -> None:
     assert "NCT-CRC-HE-100K.zip" in msg and str(tmp_path / "nct_crc_he_100k" / "downloads") in msg
 
 
-def test_quickstart_offline_stops_at_once_with_a_message(tmp_path: Path) -> None:
-    """The README's quickstart with no data and no network: a message saying where to put the file."""
+def test_pathmnist_offline_stops_at_once_with_a_message(tmp_path: Path) -> None:
+    """The PathMNIST config with no data and no network: a message saying where to put the file."""
     env = {"HISTODIFFUSION_DATA": str(tmp_path / "empty"),
            # No network in the test whatever the machine: every request goes to a closed port.
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    proc = run_cli("run", str(CONFIGS / "quickstart.yaml"), "--run-dir", str(tmp_path / "run"), env=env, timeout=120)
+    proc = run_cli("run", str(CONFIGS / "pathmnist.yaml"), "--run-dir", str(tmp_path / "run"), env=env, timeout=120)
     message = user_error(proc)
     assert "could not be fetched" in message and "--data-root" in message and "pathmnist_64.npz" in message
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -31,6 +33,39 @@ def print_counts(title: str, table: dict[str, dict[str, int]], classes: list[str
         t.add_row(c, *[str(row[c]) for row in table.values()])
     t.add_row("[bold]total", *[f"[bold]{row['total']}" for row in table.values()])
     console.print(t)
+
+
+def _ci(stat: dict | None, signed: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    f = "+.1f" if signed else ".1f"
+    ends = "" if stat.get("ci_low") is None else f" [{100 * stat['ci_low']:{f}}, {100 * stat['ci_high']:{f}}]"
+    return f"{100 * stat['mean']:{f}}{ends}"
+
+
+def print_headline(report_folder: Path) -> None:
+    """Print where a run's report is and its headline table: each budget's arms, test accuracy with
+    its 95% CI, the paired gain over real, the label-equivalent."""
+    from rich.table import Table
+
+    results = json.loads((report_folder / "results.json").read_text(encoding="utf-8"))
+    console.print(f"[bold green]report:[/] {report_folder / 'report.html'} (and report.md beside it)")
+    for budget, r in results.get("budgets", {}).items():
+        e = r.get("evaluation")
+        if not e:
+            continue
+        t = Table(title=f"{results['experiment']}, {budget}: test accuracy (%), mean [95% CI] over seeds")
+        for column in ("arm", "seeds", "accuracy", "gain vs real (points)", "label-equivalent"):
+            t.add_column(column, justify="left" if column == "arm" else "right")
+        seeds = e["n_seeds"] if isinstance(e["n_seeds"], dict) else {a: e["n_seeds"] for a in e["arms"]}
+        for arm, stats in e["arms"].items():
+            le = e.get("label_equivalent", {}).get(arm)
+            t.add_row(arm, str(seeds.get(arm, "")), _ci(stats.get("accuracy")),
+                      _ci(e["paired_gain_vs_real"].get(arm, {}).get("accuracy"), signed=True),
+                      le["text"] if le else "")
+        console.print(t)
+    if results.get("note"):
+        console.print(f"[yellow]{results['note']}[/]")
 
 
 def warn(message: str) -> None:

@@ -43,3 +43,20 @@ def test_labels_become_safe_folder_names() -> None:
         label_folders(["tumor", "/../"])
     with pytest.raises(UserError, match="labels 'a/b' and 'a b' would share the folder name 'a_b'"):
         label_folders(["a/b", "a b"])
+
+
+def test_the_demo_tiles_ship_with_the_package_and_need_no_data_root(tmp_path) -> None:
+    """'demo' and 'demo_pool' resolve with no data root: 364 labeled Kather 2016 tiles in 8 classes
+    with their slide as group, 291 unlabeled pool tiles, 32 px PNGs, a licence README beside them."""
+    from histodiffusion.data.images import read_rgb
+    from histodiffusion.data.sources import DEMO, read_named
+
+    target = read_named("demo", tmp_path / "does-not-exist")
+    pool = read_named("demo_pool", tmp_path / "does-not-exist")
+    assert len(target) == 364 and len({r.label for r in target}) == 8 and all(r.group for r in target)
+    assert len({r.group for r in target if "CRC-Prim-HE" in r.group}) == 10
+    assert len(pool) == 291 and all(r.label is None and r.group is None for r in pool)
+    assert read_rgb(target[0].path).shape == (32, 32, 3) and read_rgb(pool[-1].path).shape == (32, 32, 3)
+    readme = (DEMO / "README.md").read_text()
+    assert "CC BY 4.0" in readme and "doi:10.1038/srep27988" in readme
+    assert sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file()) < 3_000_000

@@ -1,5 +1,6 @@
-"""The whole pipeline (stages/registry.py ``run_pipeline``): on the smoke config, and on the README's
-quickstart config over a PathMNIST-format file the test writes."""
+"""The whole pipeline (stages/registry.py ``run_pipeline``): on the smoke config, on the README's
+quickstart config (the demo tiles shipped in the package, no data root) with its step counts cut,
+and on the PathMNIST config over a PathMNIST-format file the test writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from histodiffusion.config import config_from_dict
+from histodiffusion.config import config_from_dict, load_config
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_pipeline, run_stage
 from tests.helpers import CONFIGS
@@ -107,11 +108,40 @@ def write_pathmnist(root: Path, size: int = 64, per_class: dict[str, int] | None
     return path
 
 
-def test_quickstart_pipeline_on_pathmnist_format(tmp_path: Path) -> None:
+QUICK = ["autoencoder.train.steps=6", "pretrain.train.steps=6", "pretrain.sample_every=3", "features.steps=3",
+         "finetune.train.steps=3", "finetune.classifier.train.steps=6", "finetune.classifier.eval_every=3",
+         "select.classifier.steps=4", "select.classifier.eval_every=2", "evaluate.classifier.steps=4",
+         "evaluate.classifier.eval_every=2", "evaluate.seeds=[0]", "sampling.num_steps=4"]
+
+
+def test_quickstart_runs_offline_on_the_shipped_demo_tiles(tmp_path: Path, monkeypatch) -> None:
+    """The README's main job as shipped (configs/quickstart.yaml), step counts cut with --set: every
+    stage runs with no data root and no network, and the report says what a demo shows."""
+    monkeypatch.delenv("HISTODIFFUSION_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-cache"))  # no data root anywhere
+    cfg = load_config(CONFIGS / "quickstart.yaml", QUICK)
+    rd = RunDir(tmp_path / "run")
+    run_pipeline(cfg, rd)
+    counts = json.loads((rd.root / "data" / "counts.json").read_text())
+    assert counts["classes"] == ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA",
+                                 "07_ADIPOSE", "08_EMPTY"]
+    assert counts["pool"] == {"total": 291, "by_source": {"demo_pool": 291}} and counts["split_by"] == "group"
+    assert sum(counts["counts"][s]["total"] for s in ("train", "valid", "test")) == 364
+    summary = json.loads((rd.root / "evaluate" / "10perclass" / "summary.json").read_text())
+    assert set(summary["arms"]) == {"real", "real+synthetic", "real+selected", "ssl", "ssl+selected", "real@2x",
+                                    "real@all"}
+    labeled = json.loads((rd.root / "labels" / "10perclass" / "counts.json").read_text())["labeled 10perclass"]
+    assert summary["n_real"]["real"] == labeled["total"] and all(0 < labeled[c] <= 10 for c in counts["classes"])
+    results = json.loads((rd.root / "report" / "results.json").read_text())
+    assert "not what the method is worth" in results["note"]
+    assert "not what the method is worth" in (rd.root / "report" / "report.md").read_text()
+
+
+def test_pathmnist_pipeline_on_pathmnist_format(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_pathmnist(root)
-    raw = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
-    # The quickstart's data section as shipped; the training sections at the tiny preset's sizes.
+    raw = yaml.safe_load((CONFIGS / "pathmnist.yaml").read_text())
+    # The PathMNIST config's data section as shipped; the training sections at the tiny preset's sizes.
     tiny = {"experiment": raw["experiment"], "preset": "tiny", "data": raw["data"],
             "synthesize": {"per_class": 2}, "evaluate": {"arms": ["real", "real+selected"]}}
     cfg = config_from_dict(tiny, [f"data.root={root}", "data.target.budgets=[2]", "data.pool.0.max_images=40"])

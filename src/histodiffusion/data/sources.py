@@ -31,7 +31,10 @@ NAMED_DATASETS = {
     "pathmnist": "PathMNIST (MedMNIST): NCT-CRC-HE at 28-224 px, 9 classes; `histodiffusion data fetch pathmnist`",
     "nct_crc_he_100k": "NCT-CRC-HE-100K (train) + CRC-VAL-HE-7K (test); `histodiffusion data fetch nct_crc_he_100k`",
     "pcam_full": "PatchCamelyon, all 327,680 tiles; `histodiffusion data fetch pcam_full`",
+    "demo": "shipped with the package (no data root): Kather 2016 colorectal texture, 8 classes, 364 tiles at 32 px",
+    "demo_pool": "shipped with the package (no data root): 291 unlabeled H&E tiles at 32 px, the demo's pool",
 }
+DEMO = Path(__file__).resolve().parent / "demo"  # package data: tiles, manifest.csv, README.md (licences)
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
                  "validation": "valid", "test": "test", "testing": "test"}
 PATHMNIST_LABELS = ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth_muscle",
@@ -238,6 +241,8 @@ def read_named(name: str, root: Path, resolution: int = 64) -> list[Record]:
     """Records of a named dataset under ``root`` (manifest.csv rows when present, else folders)."""
     if name not in NAMED_DATASETS:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(NAMED_DATASETS)} (or give 'path:')")
+    if name in ("demo", "demo_pool"):
+        return read_demo(name)
     if not root.is_dir() and name != "pathmnist":
         raise UserError(
             f"data root {root} does not exist. Point --data-root or HISTODIFFUSION_DATA at the folder "
@@ -258,6 +263,13 @@ def read_named(name: str, root: Path, resolution: int = 64) -> list[Record]:
             if records:
                 return records
     return read_imagefolder(folder, source=name)
+
+
+def read_demo(name: str) -> list[Record]:
+    """The demo tiles shipped in the package: 'demo' (labeled, with groups) or 'demo_pool' (unlabeled)."""
+    records = read_csv_manifest(DEMO / "manifest.csv", source=name)
+    wanted = [r for r in records if (r.label is not None) == (name == "demo")]
+    return [r if name == "demo" else r.with_(group=None) for r in wanted]
 
 
 def _named_from_manifest(manifest: Path, name: str, root: Path) -> list[Record]:

@@ -21,6 +21,11 @@ from histodiffusion.stages.registry import (
 )
 from histodiffusion.viz import pool_grid
 
+DEMO_NOTE = ("This run used the demo tiles shipped with the package: a few hundred 32 px tiles and a test split of "
+             "a few dozen. It shows that every stage runs and what each writes, not what the method is worth: "
+             "its intervals are too wide and its models too small for that. Run a benchmark task "
+             "(configs/pcam-fewlabel.yaml, configs/ebhi-fewlabel.yaml) or your own data for a measurement.")
+
 
 def _done(root: Path, key: str) -> dict | None:
     path = root / key / "DONE"
@@ -183,6 +188,9 @@ def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
     env = io.read_json(root / "environment.json") if (root / "environment.json").is_file() else {}
     doc.paragraph(f"Target '{cfg.data.target.name}' at {cfg.data.resolution} px, preset '{cfg.preset}', "
                   f"seed {cfg.seed}, git {env.get('git_commit')}, torch {env.get('packages', {}).get('torch')}.")
+    note = DEMO_NOTE if cfg.data.target.dataset == "demo" else None
+    if note:
+        doc.paragraph(note)
     counts = io.read_json(root / "data" / "counts.json")
     counts["counts"] = {**labeled_counts(root, [budget_name(b) for b in cfg.data.target.budgets]), **counts["counts"]}
     classes = counts["classes"]
@@ -191,7 +199,7 @@ def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
                                                 for part, row in counts["counts"].items()])
     doc.paragraph("Pre-training pool (labels ignored): " + ", ".join(
         f"{s} {n}" for s, n in counts["pool"]["by_source"].items()) + f"; total {counts['pool']['total']}.")
-    results: dict = {"experiment": cfg.experiment, "data": counts}
+    results: dict = {"experiment": cfg.experiment, "data": counts, **({"note": note} if note else {})}
     if (root / "autoencoder" / "metrics.json").is_file():
         results.update(_pretraining(doc, root, out))
     results["budgets"] = {budget_name(b): _budget(doc, cfg, root, out, budget_name(b)) for b in cfg.data.target.budgets}
