@@ -427,15 +427,20 @@ def gpu_section(batches: tuple[int, ...], n: int, dev: str = "cuda", variants: t
 
 
 # ----------------------------------------------------------------------------------- report
+def _stamp(section: dict) -> list[str]:
+    return [f"Command: `{section.get('command', '?')}`  ", f"Machine: {section.get('machine', '?')}", ""]
+
+
 def markdown(r: dict) -> str:
-    lines = ["# Speed of the shipped code", "", f"Command: `{r['command']}`  ", f"Machine: {r['machine']}", ""]
+    lines = ["# Speed of the shipped code", "", "Every section names the command and the machine that produced it; "
+             "ratios compare figures measured in the same command.", ""]
     if "machine_flops" in r:
         m = r["machine_flops"]
-        lines += ["## The machine", "", f"Matmul 2048^2: fp32 {m['matmul_gflops']['fp32']} GFLOP/s, bf16 "
+        lines += ["## The machine", "", *_stamp(m), f"Matmul 2048^2: fp32 {m['matmul_gflops']['fp32']} GFLOP/s, bf16 "
                   f"{m['matmul_gflops']['bf16']} GFLOP/s ({m['bf16_over_fp32']}x). The percentages below are of "
                   "this bf16 figure, measured in the same invocation.", ""]
     if "steps" in r:
-        lines += ["## Training steps", "", "| step | setting | s/step | items/s | GFLOP/step | GFLOP/s | % of bf16 matmul peak |",
+        lines += ["## Training steps", "", *_stamp(r["steps"]), "| step | setting | s/step | items/s | GFLOP/step | GFLOP/s | % of bf16 matmul peak |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {x['step']} | {x['setting']} | {x['seconds_per_step']} | {x['items_per_s']} | "
                   f"{x['gflop_per_step']} | {x['gflops']} | {x['percent_of_bf16_peak']} |" for x in r["steps"]["rows"]]
@@ -450,12 +455,13 @@ def markdown(r: dict) -> str:
         lines.append("")
     if "latents" in r:
         x = r["latents"]
-        lines += ["## Latents/s of the pre-training step", "", "| latents from | s/step | latents/s |", "|---|---|---|"]
-        lines += [f"| {k} | {v['seconds_per_step']} | {v['latents_per_s']} |" for k, v in x.items() if k != "ratio"]
+        lines += ["## Latents/s of the pre-training step", "", *_stamp(x), "| latents from | s/step | latents/s |", "|---|---|---|"]
+        lines += [f"| {k} | {v['seconds_per_step']} | {v['latents_per_s']} |" for k, v in x.items()
+                  if isinstance(v, dict)]
         lines += ["", f"The cache is {x['ratio']}x faster.", ""]
     if "synthesis" in r:
         x = r["synthesis"]
-        lines += [f"## Guided synthesis ({x['budget']}, guidance scale {x['guidance_scale']})", "",
+        lines += [f"## Guided synthesis ({x['budget']}, guidance scale {x['guidance_scale']})", "", *_stamp(x),
                   f"Oracle: the class-fidelity bench's (full train split; valid balanced accuracy "
                   f"{x['oracle_valid_balanced_accuracy']}). FD in the run's SimCLR features against {x['n_real']} "
                   f"real valid tiles; real-vs-real floor {x['fd_floor']}.", "",
@@ -467,7 +473,7 @@ def markdown(r: dict) -> str:
         lines.append("")
     if "gpu" in r:
         g = r["gpu"]
-        lines += [f"## GPU: the paper preset's LDM step, bf16 ({g['device']}, torch {g['torch']})", "",
+        lines += [f"## GPU: the paper preset's LDM step, bf16 ({g['device']}, torch {g['torch']})", "", *_stamp(g),
                   f"UNet {g['unet_parameters'] / 1e6:.1f}M parameters. Measured bf16 matmul (8192^2): "
                   f"{g['matmul_bf16_tflops_measured']} TFLOP/s; spec dense bf16 peak {g['bf16_dense_peak_tflops_spec']} TFLOP/s.", "",
                   "| setting | batch | s/step | latents/s | TFLOP/step | TFLOP/s | MFU vs spec | MFU vs measured matmul | memory (GiB) |",
@@ -476,8 +482,6 @@ def markdown(r: dict) -> str:
                   f"{y.get('tflop_per_step', '-')} | {y.get('tflops', '-')} | {y.get('mfu_vs_spec', '-')} % | "
                   f"{y.get('mfu_vs_measured_matmul', '-')} % | {y.get('max_memory_gib', y.get('error'))} |"
                   for y in g["rows"]]
-        if g.get("command"):
-            lines += ["", f"Command (on the device machine): `{g['command']}`"]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -499,28 +503,29 @@ def main() -> None:
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     result = read_json(args.out / "speed.json") if (args.out / "speed.json").is_file() else {}
-    result.update({"command": "python bench/speed.py " + " ".join(sys.argv[1:]), "machine": machine()})
+    stamp = {"command": "python bench/speed.py " + " ".join(sys.argv[1:]), "machine": machine()}
     if sections - {"machine", "gpu"} and args.run_dir is None:
         ap.error("--run-dir is needed for the steps, latents and synthesis sections")
     cfg = load_config(args.run_dir / "config.yaml") if args.run_dir else None
     if sections & {"machine", "steps"}:
-        result["machine_flops"] = machine_section()
+        result["machine_flops"] = {**machine_section(), **stamp}
         print(json.dumps(result["machine_flops"]), flush=True)
     if "steps" in sections:
         peak = result["machine_flops"]["matmul_gflops"]["bf16"] * 1e9
         rows = ldm_steps(cfg, args.run_dir, args.steps, peak) + latent_classifier_steps(cfg, args.run_dir, args.steps, peak) \
             + tile_classifier_steps(cfg, args.run_dir, args.steps, peak)
         result["steps"] = {"rows": rows, "autoencoder": autoencoder_steps(cfg, args.run_dir, 2 * args.steps),
-                           "compile": ldm_compile(cfg, args.run_dir, args.steps)}
+                           "compile": ldm_compile(cfg, args.run_dir, args.steps), **stamp}
     if "latents" in sections:
-        result["latents"] = latents_section(cfg, args.run_dir, args.steps)
+        result["latents"] = {**latents_section(cfg, args.run_dir, args.steps), **stamp}
     if "synthesis" in sections:
-        result["synthesis"] = synthesis_section(cfg, args.run_dir, args.budget, args.per_class,
-                                                tuple(int(b) for b in args.batch_sizes.split(",")), args.oracle_steps)
+        result["synthesis"] = {**synthesis_section(cfg, args.run_dir, args.budget, args.per_class,
+                                                   tuple(int(b) for b in args.batch_sizes.split(",")),
+                                                   args.oracle_steps), **stamp}
     if "gpu" in sections:
         result["gpu"] = {**gpu_section(tuple(int(b) for b in args.gpu_batches.split(",")), args.steps,
                                        args.gpu_device, tuple(v for v in args.gpu_variants.split(",") if v)),
-                         "command": result["command"], "machine": machine()}
+                         **stamp}
     write_json(args.out / "speed.json", result)
     write_text(args.out / "speed.md", markdown(result))
 
