@@ -365,8 +365,6 @@ class SynthesizeCfg(_Section):
     """Classifier-guidance scale s (0: unguided)."""
     class_scales: dict[str, Annotated[float, Field(ge=0.0)]] = {}
     """Per-class guidance scale overriding ``guidance_scale`` (keys: class names)."""
-    guidance_max_timestep: Annotated[int, Field(ge=0)] | None = None
-    """Guide only at t <= this (the less noisy part); null: at every step."""
 
 
 # ------------------------------------------------------------------- selection, evaluation

@@ -30,10 +30,9 @@ def log_prob_grad(classifier_fn: ClassifierFn, x_t: torch.Tensor, t: torch.Tenso
 
 
 def guided_eps(eps_fn: EpsFn, classifier_fn: ClassifierFn, y: torch.Tensor, scale: float | torch.Tensor,
-               alphas_cumprod: torch.Tensor, max_timestep: int | None = None) -> EpsFn:
+               alphas_cumprod: torch.Tensor) -> EpsFn:
     """Wrap ``eps_fn`` with classifier guidance towards classes ``y`` (N,) at ``scale`` (scalar or (N,)).
 
-    ``max_timestep``: guide only at t <= max_timestep (the less noisy part of the trajectory).
     A scale of 0 returns ``eps_fn``'s output untouched (bit-identical to unguided sampling).
     """
     alphas_cumprod = alphas_cumprod.to(y.device)
@@ -41,14 +40,11 @@ def guided_eps(eps_fn: EpsFn, classifier_fn: ClassifierFn, y: torch.Tensor, scal
 
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = eps_fn(x_t, t)
-        active = scale != 0
-        if max_timestep is not None:
-            active = active & (t <= max_timestep)
-        if not bool(active.any()):
+        if not bool((scale != 0).any()):
             return eps
         grad, _ = log_prob_grad(classifier_fn, x_t, t, y)
         a_t = alphas_cumprod[t].float().view(-1, *([1] * (x_t.ndim - 1)))
-        s = (scale * active).view(-1, *([1] * (x_t.ndim - 1)))
+        s = scale.view(-1, *([1] * (x_t.ndim - 1)))
         return (eps.float() - (1 - a_t).sqrt() * s * grad).to(eps.dtype)
 
     return fn

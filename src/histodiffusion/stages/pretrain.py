@@ -42,5 +42,5 @@ def run(ctx: StageContext) -> dict:
             "steps": pt.train.steps}
 
 
-STAGE = register(Stage("pretrain", "pretrain", ("diffusion", "pretrain", "sampling", "seed"), ("latents",), run,
+STAGE = register(Stage("pretrain", "pretrain", ("diffusion", "pretrain", "seed"), ("latents",), run,
                        description="unconditional latent diffusion", distributed=True, extendable=True))

@@ -126,7 +126,7 @@ def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_p
         base = unet_eps_fn(unet, pred, alphas, class_labels=y if source == "conditional" else None)
         if source != "guided":
             return base
-        return guided_eps(base, classifier, y, scales.to(device)[y], alphas, cfg.synthesize.guidance_max_timestep)
+        return guided_eps(base, classifier, y, scales.to(device)[y], alphas)
 
     part = out / f"manifest.part-{state.process_index}.csv"
     _restart_part(part)
