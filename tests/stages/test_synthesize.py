@@ -29,15 +29,16 @@ def test_synthesize_stage_outputs(smoke_run, smoke_cfg) -> None:
         assert (root / source / "grid.png").is_file()
     best = smoke_run.root / "finetune" / "8perclass" / "classifier" / "best.json"
     assert {"acc_q1", "acc_q4", "val_loss"} <= set(json.loads(best.read_text()))
-    # Resume after an interruption (no DONE): only the missing tile is made again, identical to before.
+    # Resume after an interruption (no DONE): the batch of the missing tile (here all 8) is made again,
+    # identical to before.
     lost = root / "guided" / "tiles" / "0_no_tumor" / "000000.png"
     kept = root / "guided" / "tiles" / "1_metastatic_tumor" / "000007.png"
-    first, kept_mtime = lost.read_bytes(), kept.stat().st_mtime_ns
+    first, kept_bytes = lost.read_bytes(), kept.read_bytes()
     lost.unlink()
     (root / "DONE").unlink()
     run_stage("synthesize", smoke_cfg, smoke_run)
     assert lost.read_bytes() == first
-    assert kept.stat().st_mtime_ns == kept_mtime
+    assert kept.read_bytes() == kept_bytes
 
 
 SOURCES = ("guided", "unguided", "conditional")
@@ -76,6 +77,40 @@ def test_an_interrupted_synthesis_is_redone_exactly(smoke_run, smoke_cfg) -> Non
         part = (root / source / "manifest.part-0.csv").read_text()
         assert part.startswith(",".join(FIELDS)) and part.count("path,label") == 1
         assert sorted(int(r["index"]) for r in read_part(root / source / "manifest.part-0.csv")) == list(range(8))
+
+
+def test_a_batch_cut_short_is_sampled_again_whole(smoke_run, smoke_cfg, tmp_path: Path) -> None:
+    """Ctrl-C while a batch's tiles are being written leaves part of that batch on disk. A tile's
+    bytes depend (by a grey level) on the batch it is sampled in, so the rerun samples that whole
+    batch again rather than the missing tiles alone: it ends with exactly the tiles of an
+    uninterrupted run, and the finished batch is not touched."""
+    for stage in ("finetune", "conditional"):
+        run_stage(stage, smoke_cfg, smoke_run)
+    cfg = smoke_cfg.model_copy(update={"sampling": smoke_cfg.sampling.model_copy(update={"batch_size": 4})})
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(smoke_run.root, run.root, ignore=shutil.ignore_patterns("synthesize", "select", "evaluate"))
+    run_stage("synthesize", cfg, run)
+    root = run.root / "synthesize" / "8perclass"
+    uninterrupted = _made(root)
+    guided = root / "guided"
+    part = guided / "manifest.part-0.csv"
+    rows = read_part(part)  # tiles 0-3 (batch one) and 4, 5 of batch two were written, 6 and 7 not
+    with open(part, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["index"]) < 6)
+    for r in rows:
+        if int(r["index"]) >= 6:
+            (guided / r["path"]).unlink()
+    mtime = {int(r["index"]): (guided / r["path"]).stat().st_mtime_ns for r in rows if int(r["index"]) < 6}
+    (guided / "manifest.csv").unlink()
+    (root / "DONE").unlink()
+    run_stage("synthesize", cfg, run)
+    assert _made(root) == uninterrupted
+    now = {int(r["index"]): (guided / r["path"]).stat().st_mtime_ns for r in rows}
+    assert all(now[k] == mtime[k] for k in range(4))  # batch one kept
+    assert all(now[k] != mtime[k] for k in (4, 5))  # batch two sampled again, whole
+    assert sorted(int(r["index"]) for r in read_part(part)) == list(range(8))
 
 
 def test_a_label_is_a_safe_folder_name_and_stays_the_label(smoke_run, smoke_cfg, tmp_path: Path) -> None:

@@ -3,8 +3,10 @@ conditional), guided in latent space by the noise-aware classifier.
 
 Sample k (a global index over all classes) starts from the noise of its own seed, so guided,
 unguided and conditional tiles with the same k share their starting noise (paired comparisons),
-and the set is the same whatever the batch size or number of processes. Under
-``accelerate launch`` process r takes k = r, r + P, r + 2P, ...
+and the set is the same whatever the batch size or number of processes (up to the rounding of
+batched kernels). Under ``accelerate launch`` process r takes k = r, r + P, r + 2P, ... in batches
+of ``sampling.batch_size``; a resume redoes every batch that is not complete, whole, so an
+interrupted run ends with exactly the tiles of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ def _done_indices(out: Path) -> dict[int, dict]:
     return rows
 
 
-def _restart_part(part: Path) -> None:
-    """Rewrite a process's part file as its header and its complete rows, so appending to it is safe."""
-    rows = read_part(part)
+def _restart_part(part: Path, redo: set[int]) -> None:
+    """Rewrite a process's part file as its header and its complete rows, less those of the tiles
+    to ``redo``, so appending to it is safe."""
+    rows = [r for r in read_part(part) if int(r["index"]) not in redo]
     with io.atomic_path(part) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -119,7 +122,10 @@ def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_p
     cls_of = dict(todo_plan)
     folders = label_folders(classes)
     done = _done_indices(out)
-    mine = [k for k, _ in todo_plan[state.process_index::state.num_processes] if k not in done]
+    assigned = [k for k, _ in todo_plan[state.process_index::state.num_processes]]
+    batches = [assigned[i:i + cfg.sampling.batch_size] for i in range(0, len(assigned), cfg.sampling.batch_size)]
+    # Whole batches only: a tile's bytes depend (by a grey level) on the batch it was sampled in.
+    mine = [k for b in batches if not all(k in done for k in b) for k in b]
 
     def make_eps(batch: np.ndarray):
         y = torch.as_tensor([cls_of[int(k)] for k in batch], device=device)
@@ -129,7 +135,7 @@ def synthesize_source(ctx: StageContext, source: str, classes: list[str], todo_p
         return guided_eps(base, classifier, y, scales.to(device)[y], alphas)
 
     part = out / f"manifest.part-{state.process_index}.csv"
-    _restart_part(part)
+    _restart_part(part, redo=set(mine))
     s = cfg.sampling
     with open(part, "a", newline="", encoding="utf-8") as f, progress_bar(
             f"synthesize {source}", total=len(mine), enabled=state.is_main_process, unit="tiles") as advance:

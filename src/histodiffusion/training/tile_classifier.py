@@ -144,7 +144,8 @@ def train_tile_classifier(train_tiles: np.ndarray, train_labels: np.ndarray, val
             best.update(scores)
             kept["state"] = copy.deepcopy(model.state_dict())
 
-    run_loop(LoopSpec(steps, log_every=steps, sample_every=eval_every, description=description), step_fn,
+    run_loop(LoopSpec(steps, log_every=steps, sample_every=eval_every, images_per_step=batch_size,
+                      description=description), step_fn,
              on_sample=on_eval, progress=progress)
     model.load_state_dict(kept["state"])
     return TrainedClassifier(model.eval(), best["step"], best, history)
