@@ -196,17 +196,19 @@ def test_a_second_process_on_a_run_directory_stops_at_once_naming_the_holder(tmp
     assert "data root" in user_error(run_cli(*args)) and not (tmp_path / "run" / ".lock.json").exists()
 
 
-def test_ctrl_c_exits_130_saying_how_to_resume(tmp_path: Path, data_root: Path) -> None:
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGINT, 130, ""), (signal.SIGTERM, 143, " (SIGTERM)")])
+def test_ctrl_c_and_sigterm_exit_saying_how_to_resume(sig: int, code: int, name: str, tmp_path: Path,
+                                                      data_root: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "histodiffusion", "data", "prepare", str(CONFIGS / "smoke.yaml"),
                              "--run-dir", str(tmp_path / "run"), "--data-root", str(data_root)],
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     for line in proc.stderr:  # the data stage has started
         if "data root:" in line:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, err
-    assert "interrupted: finished stages and checkpoints are kept; rerun the same command to resume" in err
+    assert proc.returncode == code, err
+    assert f"interrupted{name}: finished stages and checkpoints are kept; rerun the same command to resume" in err
     assert "Traceback" not in err
 
 

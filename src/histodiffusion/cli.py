@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -210,16 +211,25 @@ def show_config(config: Annotated[Path | None, typer.Argument(help="Experiment Y
     _dry_run(_load(config, set_, run_dir, data_root))
 
 
-def _interrupted(exc: BaseException | None) -> bool:
-    """True when ``exc`` is, or was raised while handling, a KeyboardInterrupt (typer turns Ctrl-C
-    into a silent ``Exit(130)``)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler's pre-emption), raised where the process is so that
+    it unwinds as Ctrl-C does: atomic writes abandoned, the lock released, the same message."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _interrupted(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C or :class:`Terminated`) that ``exc`` is or was raised while
+    handling (typer turns Ctrl-C into a silent ``Exit(130)``), else None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
-            return True
+            return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
 
 
 def _error(err: BaseException) -> None:
@@ -229,8 +239,8 @@ def _error(err: BaseException) -> None:
 
 def guarded(entry: Callable[[], object]) -> None:
     """Run ``entry`` so that user errors print a message and exit 2, never a traceback; a full disk
-    is one; a paused stage exits 3 and Ctrl-C exits 130 saying that finished work is kept. (The
-    bench scripts use it too.)"""
+    is one; a paused stage exits 3; Ctrl-C exits 130 and SIGTERM 143 saying that finished work is
+    kept. (The bench scripts use it too.)"""
     from histodiffusion.io import disk_full, is_no_space
 
     try:
@@ -241,11 +251,12 @@ def guarded(entry: Callable[[], object]) -> None:
         console.print(f"[yellow]paused:[/] {escape(str(paused))}", soft_wrap=True)
         sys.exit(paused.exit_code)
     except (KeyboardInterrupt, SystemExit) as stop:
-        if not _interrupted(stop):
+        cause = _interrupted(stop)
+        if cause is None:
             raise
-        console.print("[yellow]interrupted: finished stages and checkpoints are kept; rerun the same "
-                      "command to resume[/]")
-        sys.exit(130)
+        console.print(f"[yellow]interrupted{' (SIGTERM)' if isinstance(cause, Terminated) else ''}: finished "
+                      "stages and checkpoints are kept; rerun the same command to resume[/]")
+        sys.exit(143 if isinstance(cause, Terminated) else 130)
     except Exception as err:
         if not is_no_space(err):
             raise
@@ -254,4 +265,5 @@ def guarded(entry: Callable[[], object]) -> None:
 
 def main() -> None:
     """Console entry point."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     guarded(app)

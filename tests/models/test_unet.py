@@ -36,6 +36,22 @@ def test_save_and_load_round_trip(tmp_path: Path, tiny_unet, train_scheduler) ->
         load_unet(tmp_path / "elsewhere")
 
 
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+def test_a_missing_or_damaged_weights_file_names_the_folder(damage: str, tmp_path: Path, tiny_unet,
+                                                            train_scheduler) -> None:
+    """A run directory whose weights file was deleted or truncated (a copy interrupted, a disk
+    filled by something else): a message naming the folder and how to redo it, not diffusers' OSError."""
+    save_unet(tiny_unet, train_scheduler, tmp_path)
+    weights = tmp_path / UNET / "diffusion_pytorch_model.safetensors"
+    if damage == "removed":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="--force STAGE") as err:
+        load_unet(tmp_path)
+    assert f"the model in {tmp_path / UNET} cannot be loaded" in str(err.value)
+
+
 
 class _Planted:
     """Unpickling this creates the marker file: proof that a pickle was loaded."""
@@ -56,7 +72,7 @@ def test_a_pickled_weights_file_is_never_loaded(tmp_path: Path, tiny_unet, train
     marker = tmp_path / "pwned"
     weights.with_suffix(".bin").write_bytes(pickle.dumps(_Planted(marker)))
     weights.unlink()
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(UserError, match="diffusion_pytorch_model.safetensors"):
         load_unet(tmp_path)
     assert not marker.exists()
 

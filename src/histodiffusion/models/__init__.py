@@ -1,0 +1,26 @@
+"""Model builders, savers and loaders; every model is a diffusers-format folder (safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from safetensors import SafetensorError
+
+from histodiffusion.errors import UserError
+
+M = TypeVar("M")
+
+
+def from_folder(cls: type[M], path: Path, missing: str) -> M:
+    """``cls.from_pretrained(path)``, safetensors only. No ``config.json`` there: a UserError with the
+    ``missing`` message (which says what writes it); a weights file missing, cut short or damaged: a
+    UserError naming the folder and how to redo it, not the loader's traceback."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(missing)
+    try:
+        return cls.from_pretrained(path, use_safetensors=True)  # type: ignore[attr-defined]
+    except (OSError, ValueError, SafetensorError) as err:
+        raise UserError(f"the model in {path} cannot be loaded, a file of it is missing or damaged ({err}). "
+                        "Redo the stage that wrote it: `histodiffusion run CONFIG --force STAGE`") from err

@@ -15,6 +15,7 @@ from histodiffusion import io
 from histodiffusion.data.images import tensor_to_tiles, tiles_to_tensor
 from histodiffusion.data.latents import denormalize_latents
 from histodiffusion.errors import UserError
+from histodiffusion.models import from_folder
 
 VAE = "vae"
 
@@ -51,9 +52,8 @@ def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
 def load_vae(folder: Path, device: torch.device | str = "cpu") -> AutoencoderKL:
     """The trained autoencoder in ``folder/vae`` (an autoencoder stage's folder), in eval mode."""
     path = Path(folder) / VAE
-    if not (path / "config.json").is_file():
-        raise UserError(f"no trained autoencoder at {path}; run `histodiffusion train-autoencoder CONFIG` first")
-    return AutoencoderKL.from_pretrained(path, use_safetensors=True).to(device).eval()
+    missing = f"no trained autoencoder at {path}; run `histodiffusion train-autoencoder CONFIG` first"
+    return from_folder(AutoencoderKL, path, missing).to(device).eval()
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from histodiffusion import io
 from histodiffusion.data.images import tiles_to_tensor
 from histodiffusion.errors import UserError
+from histodiffusion.models import from_folder
 
 ENCODER = "encoder"  # the folder of a features stage that holds the encoder
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -80,10 +81,8 @@ def save_encoder(encoder: FeatureEncoder, folder: str | os.PathLike) -> Path:
 def load_encoder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureEncoder:
     """Load an encoder written by :func:`save_encoder` (eval mode, on ``device``)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"no feature encoder at {folder}: run the stage that trains it (`histodiffusion "
-                        "evaluate-generation CONFIG`) first")
-    return FeatureEncoder.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    missing = f"no feature encoder at {folder}: run the stage that trains it (`histodiffusion features CONFIG`) first"
+    return from_folder(FeatureEncoder, folder, missing).to(device).eval()
 
 
 @torch.no_grad()

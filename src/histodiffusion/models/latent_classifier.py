@@ -16,7 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
-from histodiffusion.errors import UserError
+from histodiffusion.models import from_folder
 
 
 class LatentClassifier(ModelMixin, ConfigMixin):
@@ -68,6 +68,5 @@ CLASSIFIER = "classifier"
 def load_latent_classifier(folder: Path, device: torch.device | str = "cpu") -> LatentClassifier:
     """The latent classifier kept in ``folder/classifier`` (a finetune stage's folder), in eval mode."""
     path = Path(folder) / CLASSIFIER
-    if not (path / "config.json").is_file():
-        raise UserError(f"no latent classifier at {path}; run `histodiffusion finetune CONFIG` first")
-    return LatentClassifier.from_pretrained(path, use_safetensors=True).to(device).eval()
+    missing = f"no latent classifier at {path}; run `histodiffusion finetune CONFIG` first"
+    return from_folder(LatentClassifier, path, missing).to(device).eval()

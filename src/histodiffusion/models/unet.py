@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from histodiffusion import io
-from histodiffusion.errors import UserError
+from histodiffusion.models import from_folder
 
 UNET, SCHEDULER = "unet", "scheduler"
 ADAPT = "adapt"  # the folder of a finetune stage that holds its domain-adapted UNet
@@ -50,7 +50,6 @@ def save_unet(unet: UNet2DModel, noise_scheduler: DDPMScheduler, folder: Path) -
 def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
     """A saved UNet (``folder/unet``) and its training scheduler (``folder/scheduler``), in eval mode."""
     folder = Path(folder)
-    if not (folder / UNET / "config.json").is_file():
-        raise UserError(f"no trained UNet at {folder / UNET}; run the stage that writes it first")
-    unet = UNet2DModel.from_pretrained(folder / UNET, use_safetensors=True).to(device).eval()
+    unet = from_folder(UNet2DModel, folder / UNET, f"no trained UNet at {folder / UNET}; run the stage that writes "
+                       "it first").to(device).eval()
     return unet, DDPMScheduler.from_pretrained(folder / SCHEDULER)
