@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from histodiffusion import io
 from histodiffusion.errors import UserError
-from histodiffusion.training.harness import EMA, Checkpointer, TrainState, lr_lambda, make_optimizer
+from histodiffusion.training.harness import (
+    EMA,
+    Checkpointer,
+    LoopSpec,
+    TrainState,
+    lr_lambda,
+    make_optimizer,
+    run_loop,
+)
 
 
 def test_lr_lambda_warms_up_then_holds_or_decays_to_the_floor() -> None:
@@ -110,3 +119,24 @@ def test_a_full_disk_while_checkpointing_is_a_user_error(tmp_path: Path, monkeyp
     with pytest.raises(UserError, match="no space left on the device .*nothing finished is lost"):
         Checkpointer(tmp_path, keep=1).save(_state(0), 1)
     assert Checkpointer(tmp_path, keep=1).latest() is None
+
+
+def test_a_resumed_loop_logs_each_step_once(tmp_path: Path) -> None:
+    """A crash after step 5 with the last checkpoint at step 4 (a full disk, a kill): the resumed run
+    logs steps 5 and 6 again, so the records of the crashed run after step 4 are dropped first."""
+    state = _state(0)
+
+    def step_fn(step: int, crash_at: int | None = None) -> dict:
+        if step == crash_at:
+            raise OSError("the disk filled")
+        _train(state, 1)
+        return {"loss": float(step)}
+
+    spec = LoopSpec(8, log_every=1, checkpoint_every=4)
+    with pytest.raises(OSError):
+        run_loop(spec, lambda s: step_fn(s, crash_at=5), folder=tmp_path, state=state, progress=False)
+    assert [r["step"] for r in io.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert run_loop(spec, step_fn, folder=tmp_path, state=state, progress=False) == 8
+    records = io.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["loss"] for r in records] == [float(s) for s in range(8)]

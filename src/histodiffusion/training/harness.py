@@ -264,6 +264,19 @@ class LoopSpec:
     time_limit_s: float | None = None
 
 
+def _drop_records_after(log_path: Path, step: int) -> None:
+    """Keep the records of ``log_path`` up to ``step``, the checkpoint training resumes from: those
+    logged after it (before a crash) are logged again by the resumed run, so each step appears once."""
+    if step == 0:
+        log_path.unlink(missing_ok=True)
+        return
+    records = io.read_jsonl(log_path)
+    if any(r.get("step", 0) > step for r in records):
+        with io.atomic_path(log_path) as tmp:
+            tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in records if r.get("step", 0) <= step),
+                           encoding="utf-8")
+
+
 def run_loop(spec: LoopSpec, step_fn: Callable[[int], dict], *, folder: Path | None = None,
              state: TrainState | None = None, accelerator: Accelerator | None = None,
              on_sample: Callable[[int], None] | None = None, progress: bool = True) -> int:
@@ -281,8 +294,8 @@ def run_loop(spec: LoopSpec, step_fn: Callable[[int], dict], *, folder: Path | N
     ckpt = Checkpointer(folder, spec.keep_checkpoints) if folder is not None and state is not None else None
     start = ckpt.resume(state, accelerator) if ckpt else 0
     log_path = folder / "metrics.jsonl" if folder is not None else None
-    if log_path is not None and start == 0 and main:
-        log_path.unlink(missing_ok=True)
+    if log_path is not None and main:
+        _drop_records_after(log_path, start)
     window: dict[str, list[float]] = {}
     t_start = t_last = time.time()
     n_last = start
