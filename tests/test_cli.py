@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from tests.helpers import CONFIGS, REPO, image_folder, run_cli, user_error
 
@@ -216,6 +218,22 @@ def test_tiling_only_unreadable_inputs_exit_2(tmp_path: Path) -> None:
     (tmp_path / "notes.png").write_text("a text file with an image's name")
     msg = user_error(run_cli("data", "tile", str(tmp_path / "notes.png"), "--out", str(tmp_path / "out")))
     assert "tiling: none of the 1 input(s) could be read" in msg and str(tmp_path / "notes.png") in msg
+
+
+def test_tiling_skips_an_unreadable_input_with_a_plain_warning(tmp_path: Path) -> None:
+    """One good field and one text file named .png: the good one is tiled, exit 0, and the skipped
+    file is a 'warning:' line naming it, not Python's warning with its source line."""
+    rng = np.random.default_rng(0)
+    field = np.full((256, 256, 3), 240, np.uint8)
+    field[:, :128] = np.clip(rng.normal((200, 110, 170), 20, (256, 128, 3)), 0, 255)  # H&E-pink tissue half
+    Image.fromarray(field).save(tmp_path / "field.png")
+    (tmp_path / "notes.png").write_text("a text file with an image's name")
+    proc = run_cli("data", "tile", str(tmp_path / "field.png"), str(tmp_path / "notes.png"), "--size", "64",
+                   "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: tiling: skipped 1 unreadable file(s) of 2" in proc.stderr and "notes.png" in proc.stderr
+    assert "TilingWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
+    assert len(list((tmp_path / "out").rglob("*.png"))) >= 4
 
 
 def test_negative_seed_exit_2() -> None:

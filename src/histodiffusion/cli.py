@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ from rich.markup import escape
 
 from histodiffusion.config import ExperimentConfig, load_config
 from histodiffusion.errors import StagePaused, UserError
-from histodiffusion.progress import console
+from histodiffusion.progress import console, warn
 
 app = typer.Typer(
     help="Synthetic augmentation for computational pathology: pre-train a latent diffusion model on "
@@ -263,7 +264,20 @@ def guarded(entry: Callable[[], object]) -> None:
         _error(disk_full(getattr(err, "filename", None)))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """The library's own warnings (unreadable tiles skipped, ...) as a line a user reads, without
+    the Python source line ``warnings`` would print; any other warning as usual."""
+    if category.__module__.startswith("histodiffusion."):
+        warn(str(message))
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
     """Console entry point."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    warnings.showwarning = _show_warning
     guarded(app)
