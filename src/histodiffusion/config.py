@@ -455,6 +455,10 @@ class EvaluateCfg(_Section):
         """``arms`` and the ladder rungs, in the order they run (real first)."""
         return [*self.arms, *(rung_name(m) for m in self.rungs())]
 
+    def synthetic(self) -> bool:
+        """Whether an arm trains on synthetic tiles (so the evaluation needs synthesis and selection)."""
+        return bool(set(self.arms) - {"real", "ssl"})
+
     def seeds_of(self, arm: str) -> list[int]:
         """The seeds an arm runs on."""
         return self.seeds[: self.arm_seeds.get(arm, len(self.seeds))]

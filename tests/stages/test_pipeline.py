@@ -114,6 +114,21 @@ QUICK = ["autoencoder.train.steps=6", "pretrain.train.steps=6", "pretrain.sample
          "evaluate.classifier.eval_every=2", "evaluate.seeds=[0]", "sampling.num_steps=4"]
 
 
+def test_real_and_ssl_arms_alone_run_without_a_diffusion_model(smoke_cfg, tmp_path) -> None:
+    """The headroom check a user can make before training any generator: with only the real and
+    ssl arms, the pipeline runs the stages they rest on (no autoencoder, LDM or synthesis) and the
+    report still draws the real-label ladder with ssl on it."""
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.root={smoke_cfg.data.root}", "evaluate.arms=[real,ssl]"])
+    rd = RunDir(tmp_path / "run")
+    run_pipeline(cfg, rd)
+    assert sorted(p.name for p in rd.root.iterdir() if p.is_dir()) == ["data", "evaluate", "features", "labels",
+                                                                        "report"]
+    summary = json.loads((rd.root / "evaluate" / "8perclass" / "summary.json").read_text())
+    assert set(summary["arms"]) == {"real", "ssl", "real@2x", "real@all"}
+    assert set(summary["label_equivalent"]) == {"ssl"} and summary["headroom"]["rung"] == "real@all"
+    assert (rd.root / "report" / "8perclass_ladder.png").is_file()
+
+
 def test_quickstart_runs_offline_on_the_shipped_demo_tiles(tmp_path: Path, monkeypatch) -> None:
     """The README's main job as shipped (configs/quickstart.yaml), step counts cut with --set: every
     stage runs with no data root and no network, and the report says what a demo shows."""

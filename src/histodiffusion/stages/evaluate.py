@@ -195,11 +195,10 @@ def summarize(cfg: ExperimentConfig, budget_name: str, arms: list[Arm], runs: li
 
 
 def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
-    arms = set(cfg.evaluate.arms)
     out = ("data", "labels")
-    if arms - {"real", "ssl"}:
+    if cfg.evaluate.synthetic():
         out += ("synthesize", "select")
-    if any(a.startswith("ssl") for a in arms):
+    if any(a.startswith("ssl") for a in cfg.evaluate.arms):
         out += ("features",)
     return out
 

@@ -129,8 +129,16 @@ def upstream_of(stage: Stage, cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 def active_stages(cfg: ExperimentConfig) -> list[str]:
-    """The pipeline's stages for this config (the conditional baseline only when enabled)."""
-    return [s for s in PIPELINE if s != "conditional" or cfg.conditional.enabled]
+    """The pipeline's stages for this config: those the report rests on. An evaluation of the real
+    and ``ssl`` arms alone needs no diffusion model; the conditional baseline runs when a synthesis
+    source uses it."""
+    stages, needed, todo = load_stages(), {"report"}, ["report"]
+    while todo:
+        for up in upstream_of(stages[todo.pop()], cfg):
+            if up not in needed:
+                needed.add(up)
+                todo.append(up)
+    return [s for s in PIPELINE if s in needed]
 
 
 def downstream_of(name: str, cfg: ExperimentConfig) -> list[str]:

@@ -217,5 +217,9 @@ def run(ctx: StageContext) -> dict:
     return {"budgets": list(results["budgets"])}
 
 
-STAGE = register(Stage("report", "report", ("evaluate", "synthesize", "select"), ("data", "labels", "evaluate", "generation"), run,
+def _upstream(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return ("data", "labels", "evaluate") + (("generation",) if cfg.evaluate.synthetic() else ())
+
+
+STAGE = register(Stage("report", "report", ("evaluate", "synthesize", "select"), _upstream, run,
                        description="report.md, report.html, results.json", rebuild=True))
