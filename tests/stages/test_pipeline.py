@@ -51,6 +51,9 @@ def test_whole_pipeline_on_the_smoke_config(smoke_cfg, tmp_path) -> None:
     assert (rd.root / "report" / f"{b}_ladder.png").is_file()
     results = json.loads((rd.root / "report" / "results.json").read_text())
     assert set(results) >= {"experiment", "data", "autoencoder", "pretrain", "budgets", "wall_seconds"}
+    fingerprint = json.loads((rd.root / "data" / "fingerprint.json").read_text())
+    assert results["data_fingerprint"]["n_inputs"] == len(fingerprint["inputs"]) > 0
+    assert f"fingerprint {results['data_fingerprint']['sha256']}" in (rd.root / "report" / "report.md").read_text()
     assert set(results["budgets"][b]) >= {"latent_classifier", "acceptance_guided", "evaluation", "generation"}
     gen = results["budgets"][b]["generation"]
     assert set(gen["histology"]["sets"]) == {"unguided", "guided", "conditional", "selected"}

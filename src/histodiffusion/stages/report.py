@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -200,6 +201,15 @@ def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
     doc.paragraph("Pre-training pool (labels ignored): " + ", ".join(
         f"{s} {n}" for s, n in counts["pool"]["by_source"].items()) + f"; total {counts['pool']['total']}.")
     results: dict = {"experiment": cfg.experiment, "data": counts, **({"note": note} if note else {})}
+    fingerprint = root / "data" / "fingerprint.json"
+    if fingerprint.is_file():
+        files = io.read_json(fingerprint)
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        results["data_fingerprint"] = {"n_inputs": len(files["inputs"]), "n_outputs": len(files["outputs"]),
+                                       "sha256": digest}
+        doc.paragraph(f"Data read: {len(files['inputs'])} files, fingerprint {digest} (sizes and content hashes "
+                      "of every file read and written, in data/fingerprint.json; two runs with the same "
+                      "fingerprint saw the same data, and a rerun stops if a file changed).")
     if (root / "autoencoder" / "metrics.json").is_file():
         results.update(_pretraining(doc, root, out))
     results["budgets"] = {budget_name(b): _budget(doc, cfg, root, out, budget_name(b)) for b in cfg.data.target.budgets}
