@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from histodiffusion.config import config_from_dict, load_config
+from histodiffusion.data import fingerprint as fp
 from histodiffusion.errors import UserError
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
@@ -131,3 +132,18 @@ def test_a_rerun_says_which_data_files_changed(tmp_path: Path) -> None:
         run_stage("data", cfg, rd)
     run_stage("data", cfg, rd, force=True)
     assert run_stage("data", cfg, rd)[0]["skipped"]
+
+
+def test_the_fingerprint_digest_is_of_content_not_of_where_or_when(tmp_path: Path) -> None:
+    """The same files copied to another folder (new paths, new times) give the same digest; one changed
+    image gives another."""
+    digests = []
+    for where in ("first", "second"):
+        cfg, rd = _small(tmp_path / where)
+        run_stage("data", cfg, rd)
+        digests.append(fp.content_digest(json.loads((rd.root / "data" / "fingerprint.json").read_text())["inputs"]))
+    assert digests[0] == digests[1]
+    cfg, rd = _small(tmp_path / "second")
+    write_image(tmp_path / "second" / "img" / "a" / "0.png", noise(24, 7))
+    run_stage("data", cfg, rd, force=True)
+    assert fp.content_digest(json.loads((rd.root / "data" / "fingerprint.json").read_text())["inputs"]) != digests[0]

@@ -90,6 +90,13 @@ def write_fingerprint(folder: Path, inputs: dict[str, dict], outputs: dict[str, 
     return io.write_json(folder / FINGERPRINT, {"inputs": inputs, "outputs": outputs})
 
 
+def content_digest(inputs: dict[str, dict]) -> str:
+    """16 hex digits of sha256 over the sorted (size, sha1) of the input files: the same for the
+    same data wherever it lies and whenever it was copied (paths and modification times left out)."""
+    facts = sorted(f"{v['size']}:{v['sha1']}" for v in inputs.values())
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
+
+
 def changed_inputs(folder: Path) -> tuple[list[str], list[str]] | None:
     """(changed, missing) input files since the fingerprint was written; None without one.
 

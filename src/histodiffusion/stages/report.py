@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, budget_name
+from histodiffusion.data import fingerprint as fp
 from histodiffusion.data.prepared import labeled_counts, pool_tiles
 from histodiffusion.document import Document, arms_bar_chart, curves, fmt_ci, ladder_chart
 from histodiffusion.rundir import RunDir
@@ -132,19 +132,35 @@ def _evaluation(doc: Document, cfg: ExperimentConfig, summary: dict, out: Path, 
                       "construction, not a measured effect.")
     if "ladder" in summary:
         h = summary["headroom"]
-        flat = h["accuracy"]["ci_low"] is None or h["accuracy"]["ci_low"] <= 0
-        doc.paragraph(f"Headroom: {h['rung']} - real = {fmt_ci(h['accuracy'], signed=True)} accuracy points. " + (
-            "The real-only ladder is flat: more real labels do not raise test accuracy here, so no synthetic set "
-            "can show a gain measured in labels; what limits the task is not the number of labels (compare the "
-            "valid accuracies per rung: "
-            + ", ".join(f"{a} {100 * summary['valid_accuracy'][a]:.1f}" for a in summary["ladder"]) + ")."
-            if flat else "The ladder rises: more real labels help, so a synthetic set can be priced in labels."))
+        doc.paragraph(f"Headroom: {h['rung']} - real = {fmt_ci(h['accuracy'], signed=True)} accuracy points. "
+                      + _ladder_verdict(summary))
         doc.image(ladder_chart(summary, out / f"{name}_ladder.png", f"{cfg.experiment}, {name}"),
                   "Test accuracy against real labels (log scale) for the real-only ladder (points: mean, bars: "
                   "95% CI); every other arm at its own accuracy (line and band), marked on the ladder at its "
                   "label-equivalent")
     doc.image(arms_bar_chart(summary, "accuracy", out / f"{name}_arms.png", f"{cfg.experiment}, {name}"),
               "Test accuracy per arm (bars: mean; whiskers: 95% CI over seeds)")
+
+
+def _ladder_verdict(summary: dict) -> str:
+    """Whether the real-only ladder rises: a rung rises when its paired accuracy gain over real has a
+    95% CI above 0; a rung trained for more steps than real is named, since its gain mixes both."""
+    gains = summary["paired_gain_vs_real"]
+    rises = [r for r in summary["ladder"] if r != "real" and (gains[r]["accuracy"]["ci_low"] or 0) > 0]
+    level = [r for r in summary["ladder"] if r != "real" and r not in rises]
+    if not rises:
+        return ("The real-only ladder is flat: more real labels do not raise test accuracy here, so no synthetic set "
+                "can show a gain measured in labels; what limits the task is not the number of labels (compare "
+                "the valid accuracies per rung: "
+                + ", ".join(f"{a} {100 * summary['valid_accuracy'][a]:.1f}" for a in summary["ladder"]) + ").")
+    text = (f"The ladder rises ({', '.join(rises)} above real, paired CI above 0), so a synthetic set can be "
+            "priced in labels" + (f"; {', '.join(level)} not distinguishable from real." if level else "."))
+    longer = [r for r in rises if summary["steps"][r] > summary["steps"]["real"]]
+    if longer:
+        text += (" " + ", ".join(f"{r} trains {summary['steps'][r]} steps" for r in longer)
+                 + f" against real's {summary['steps']['real']} (steps scale with the training set): "
+                 "its gain is that of more labels and more steps together.")
+    return text
 
 
 def _multiple(le: dict | None) -> str:
@@ -204,18 +220,18 @@ def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
     fingerprint = root / "data" / "fingerprint.json"
     if fingerprint.is_file():
         files = io.read_json(fingerprint)
-        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        digest = fp.content_digest(files["inputs"])
         results["data_fingerprint"] = {"n_inputs": len(files["inputs"]), "n_outputs": len(files["outputs"]),
                                        "sha256": digest}
-        doc.paragraph(f"Data read: {len(files['inputs'])} files, fingerprint {digest} (sizes and content hashes "
-                      "of every file read and written, in data/fingerprint.json; two runs with the same "
-                      "fingerprint saw the same data, and a rerun stops if a file changed).")
+        doc.paragraph(f"Data read: {len(files['inputs'])} files, fingerprint {digest} (of the sizes and content hashes "
+                      "of every file read, wherever they lie; each file is listed in data/fingerprint.json. Two runs "
+                      "with the same fingerprint read the same data, and a rerun stops if a file changed).")
     if (root / "autoencoder" / "metrics.json").is_file():
         results.update(_pretraining(doc, root, out))
     results["budgets"] = {budget_name(b): _budget(doc, cfg, root, out, budget_name(b)) for b in cfg.data.target.budgets}
     results["wall_seconds"] = wall_seconds(cfg, root)
     doc.heading("Wall time per stage")
-    doc.table(["stage", "seconds"], [[k, v] for k, v in results["wall_seconds"].items()])
+    doc.table(["stage", "seconds"], [[k, None if v is None else f"{v:.0f}"] for k, v in results["wall_seconds"].items()])
     doc.write(out)
     io.write_json(out / "results.json", results)
     return results
