@@ -191,16 +191,17 @@ class RunDir:
         io.write_json(self.stage_dir(key) / STATE, {"stale": True, "since": time.time()})
         return True
 
-    def abandon(self, key: str) -> None:
+    def abandon(self, key: str) -> bool:
         """Forget a stage that failed before writing anything (only STATE.json in its folder), so
-        that a corrected config is not refused as a different one."""
+        that a corrected config is not refused as a different one; True when it was forgotten."""
         folder = self.stage_dir(key)
         if any(p.name != STATE for p in folder.rglob("*") if p.is_file()):
-            return
+            return False
         shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # a per-budget stage's parent folder, when now empty
             if folder.parent != self.root:
                 folder.parent.rmdir()
+        return True
 
     def finish(self, key: str, stage_hash: str, summary: dict | None = None) -> None:
         """Write the DONE marker last, holding the config hash (and an optional summary)."""
@@ -250,7 +251,20 @@ class RunDir:
                 "it to finish or stop it, then rerun; two runs in one run directory would redo the same "
                 "stages and mix their files. (Or choose another --run-dir.)")
 
-    def write_config(self, cfg: ExperimentConfig) -> None:
-        """Write the resolved config and append to the environment record."""
-        io.write_yaml(self.root / "config.yaml", cfg.to_dict())
-        io.write_json(self.root / "environment.json", environment_record(cfg))
+    def write_config(self, cfg: ExperimentConfig) -> dict[str, bytes | None]:
+        """Write the resolved config and append to the environment record; returns what the two
+        files held before, for :meth:`restore_config`."""
+        files = (self.root / "config.yaml", self.root / "environment.json")
+        before = {f.name: f.read_bytes() if f.is_file() else None for f in files}
+        io.write_yaml(files[0], cfg.to_dict())
+        io.write_json(files[1], environment_record(cfg))
+        return before
+
+    def restore_config(self, before: dict[str, bytes | None]) -> None:
+        """Put back the config and environment records :meth:`write_config` replaced (a stage that
+        failed before doing anything leaves the run directory describing the config that ran)."""
+        for name, data in before.items():
+            if data is None:
+                (self.root / name).unlink(missing_ok=True)
+            else:
+                (self.root / name).write_bytes(data)

@@ -140,14 +140,18 @@ def test_force_redoes_the_stage_and_every_stage_downstream(tmp_path: Path, fake_
 
 
 def test_a_stage_that_failed_before_writing_anything_is_forgotten(tmp_path: Path, fake_pipeline) -> None:
-    """A failure before any output (a bad dataset name) leaves no record, so the corrected config runs;
-    a failure after some output keeps it (a rerun resumes it, a changed config is refused)."""
+    """A failure before any output (a bad dataset name) leaves no record, so the corrected config runs,
+    and config.yaml and environment.json are as they were; a failure after some output keeps it (a rerun resumes it, a changed config is refused)."""
     rd = RunDir(tmp_path / "run")
     with pytest.raises(UserError, match="bad input"):
         run_stage("data", make_config(seed=1), rd)
-    assert not (rd.root / "data").exists()
+    assert not (rd.root / "data").exists() and not (rd.root / "config.yaml").exists()
     run_stage("data", make_config(seed=2), rd)
     assert rd.is_done("data", rd.done_hash("data"))
+    records = {f: (rd.root / f).read_bytes() for f in ("config.yaml", "environment.json")}
+    with pytest.raises(UserError, match="bad input"):  # the run directory still describes the config that ran
+        run_stage("data", make_config(seed=1), rd, force=True)
+    assert {f: (rd.root / f).read_bytes() for f in records} == records
     rd2 = RunDir(tmp_path / "run2")
     with pytest.raises(UserError, match="bad input"):
         run_stage("data", make_config(seed=3), rd2)

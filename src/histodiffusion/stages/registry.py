@@ -252,7 +252,7 @@ def _run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool) -
 
     state = process_state(cfg.device)
     stage = load_stages()[name]
-    summaries, began = [], False
+    summaries, began, replaced = [], False, None
     for key, budget in stage_keys(stage, cfg):
         h = stage_hash(stage, cfg, run_dir, budget)
         ctx = StageContext(cfg, run_dir, run_dir.stage_dir(key), budget)
@@ -269,7 +269,7 @@ def _run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool) -
             run_dir.begin(key, h, force=force or stage.rebuild, base_hash=base, steps=steps,
                           extend=extended_from is not None)
             if not began:  # the checks passed: the run directory now describes this config
-                run_dir.write_config(cfg)
+                replaced = run_dir.write_config(cfg)
                 if force:
                     invalidate_downstream(name, cfg, run_dir)
             began = True
@@ -286,8 +286,11 @@ def _run_stage(name: str, cfg: ExperimentConfig, run_dir: RunDir, force: bool) -
                 with _tracked(cfg, run_dir, key, state.is_main_process):
                     summary = stage.fn(ctx) or {}
         except BaseException:
-            if state.is_main_process:
-                run_dir.abandon(key)  # forgotten when it failed before writing anything
+            # forgotten when it failed before writing anything; the first part of the stage run
+            # here also hands back the config records it replaced
+            if state.is_main_process and run_dir.abandon(key) and replaced is not None \
+                    and all(s.get("skipped") for s in summaries):
+                run_dir.restore_config(replaced)
             raise
         state.wait_for_everyone()
         summary["wall_seconds"] = round(time.time() - t0, 1)
