@@ -41,15 +41,17 @@ def test_a_missing_or_damaged_weights_file_names_the_folder(damage: str, tmp_pat
                                                             train_scheduler) -> None:
     """A run directory whose weights file was deleted or truncated (a copy interrupted, a disk
     filled by something else): a message naming the folder and how to redo it, not diffusers' OSError."""
-    save_unet(tiny_unet, train_scheduler, tmp_path)
-    weights = tmp_path / UNET / "diffusion_pytorch_model.safetensors"
+    folder = tmp_path / "pretrain"  # a stage folder of a run directory (which holds config.yaml)
+    (tmp_path / "config.yaml").write_text("experiment: t\n")
+    save_unet(tiny_unet, train_scheduler, folder)
+    weights = folder / UNET / "diffusion_pytorch_model.safetensors"
     if damage == "removed":
         weights.unlink()
     else:
         weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(UserError, match="--force STAGE") as err:
-        load_unet(tmp_path)
-    assert f"the model in {tmp_path / UNET} cannot be loaded" in str(err.value)
+    with pytest.raises(UserError, match="`histodiffusion run CONFIG --force pretrain`") as err:
+        load_unet(folder)
+    assert f"the model in {folder / UNET} cannot be loaded" in str(err.value)
 
 
 

@@ -23,4 +23,13 @@ def from_folder(cls: type[M], path: Path, missing: str) -> M:
         return cls.from_pretrained(path, use_safetensors=True)  # type: ignore[attr-defined]
     except (OSError, ValueError, SafetensorError) as err:
         raise UserError(f"the model in {path} cannot be loaded, a file of it is missing or damaged ({err}). "
-                        "Redo the stage that wrote it: `histodiffusion run CONFIG --force STAGE`") from err
+                        f"Redo the stage that wrote it: `histodiffusion run CONFIG --force {_stage_of(path)}`") from err
+
+
+def _stage_of(path: Path) -> str:
+    """The stage whose folder holds ``path``: its first folder below the run directory (the nearest
+    folder above it with a config.yaml); ``STAGE`` outside a run directory."""
+    for root in path.resolve().parents:
+        if (root / "config.yaml").is_file():
+            return path.resolve().relative_to(root).parts[0]
+    return "STAGE"
