@@ -267,4 +267,4 @@ class RunDir:
             if data is None:
                 (self.root / name).unlink(missing_ok=True)
             else:
-                (self.root / name).write_bytes(data)
+                io.write_bytes(self.root / name, data)
