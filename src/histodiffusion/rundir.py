@@ -252,8 +252,8 @@ class RunDir:
                 "stages and mix their files. (Or choose another --run-dir.)")
 
     def write_config(self, cfg: ExperimentConfig) -> dict[str, bytes | None]:
-        """Write the resolved config and append to the environment record; returns what the two
-        files held before, for :meth:`restore_config`."""
+        """Write the resolved config and the environment record; returns what the two files held
+        before, for :meth:`restore_config`."""
         files = (self.root / "config.yaml", self.root / "environment.json")
         before = {f.name: f.read_bytes() if f.is_file() else None for f in files}
         io.write_yaml(files[0], cfg.to_dict())

@@ -41,8 +41,9 @@ def test_a_missing_or_damaged_weights_file_names_the_folder(damage: str, tmp_pat
                                                             train_scheduler) -> None:
     """A run directory whose weights file was deleted or truncated (a copy interrupted, a disk
     filled by something else): a message naming the folder and how to redo it, not diffusers' OSError."""
-    folder = tmp_path / "pretrain"  # a stage folder of a run directory (which holds config.yaml)
-    (tmp_path / "config.yaml").write_text("experiment: t\n")
+    folder = tmp_path / "pretrain"  # a stage folder of a run directory (which holds config.yaml and environment.json)
+    for record in ("config.yaml", "environment.json"):
+        (tmp_path / record).write_text("{}\n")
     save_unet(tiny_unet, train_scheduler, folder)
     weights = folder / UNET / "diffusion_pytorch_model.safetensors"
     if damage == "removed":
@@ -52,6 +53,9 @@ def test_a_missing_or_damaged_weights_file_names_the_folder(damage: str, tmp_pat
     with pytest.raises(UserError, match="`histodiffusion run CONFIG --force pretrain`") as err:
         load_unet(folder)
     assert f"the model in {folder / UNET} cannot be loaded" in str(err.value)
+    (tmp_path / "environment.json").unlink()  # not a run directory: the stage cannot be named
+    with pytest.raises(UserError, match="`histodiffusion run CONFIG --force STAGE`"):
+        load_unet(folder)
 
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from histodiffusion.config import config_from_dict, load_config
 from histodiffusion.data import fingerprint as fp
+from histodiffusion.data.sources import read_manifest
 from histodiffusion.errors import UserError
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_stage
@@ -134,16 +135,27 @@ def test_a_rerun_says_which_data_files_changed(tmp_path: Path) -> None:
     assert run_stage("data", cfg, rd)[0]["skipped"]
 
 
-def test_the_fingerprint_digest_is_of_content_not_of_where_or_when(tmp_path: Path) -> None:
+def _digest(rd: RunDir) -> str:
+    data = rd.root / "data"
+    return fp.content_digest(json.loads((data / "fingerprint.json").read_text())["inputs"],
+                             {role: read_manifest(data / f"{role}.csv") for role in ("train", "valid", "test", "pool")})
+
+
+def test_the_fingerprint_digest_is_of_content_labels_and_splits_not_of_where_or_when(tmp_path: Path) -> None:
     """The same files copied to another folder (new paths, new times) give the same digest; one changed
-    image gives another."""
+    image, or the same images with one label changed, give another."""
     digests = []
     for where in ("first", "second"):
         cfg, rd = _small(tmp_path / where)
         run_stage("data", cfg, rd)
-        digests.append(fp.content_digest(json.loads((rd.root / "data" / "fingerprint.json").read_text())["inputs"]))
+        digests.append(_digest(rd))
     assert digests[0] == digests[1]
     cfg, rd = _small(tmp_path / "second")
     write_image(tmp_path / "second" / "img" / "a" / "0.png", noise(24, 7))
     run_stage("data", cfg, rd, force=True)
-    assert fp.content_digest(json.loads((rd.root / "data" / "fingerprint.json").read_text())["inputs"]) != digests[0]
+    assert _digest(rd) != digests[0]
+    rows = [{"path": f"img/{c}/{i}.png", "label": c} for c in "ab" for i in range(6)]
+    rows[0]["label"], rows[6]["label"] = "b", "a"  # two files swap labels: the same files, other labels
+    cfg, rd = _small(tmp_path / "third", rows)
+    run_stage("data", cfg, rd)
+    assert _digest(rd) != digests[0]

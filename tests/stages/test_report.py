@@ -37,3 +37,9 @@ def test_a_ladder_with_no_rung_above_real_is_called_flat() -> None:
     summary = copy.deepcopy(_summary("pcam", "1pct"))
     summary["paired_gain_vs_real"]["real@all"]["accuracy"]["ci_low"] = -0.01
     assert _ladder_verdict(summary).startswith("The real-only ladder is flat")
+
+
+def test_a_rung_below_real_is_named_so() -> None:
+    summary = copy.deepcopy(_summary("pcam", "1pct"))
+    summary["paired_gain_vs_real"]["real@2x"]["accuracy"].update(ci_low=-0.03, ci_high=-0.01)
+    assert "; real@4x not distinguishable from real; real@2x below real." in _ladder_verdict(summary)

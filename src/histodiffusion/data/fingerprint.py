@@ -90,11 +90,19 @@ def write_fingerprint(folder: Path, inputs: dict[str, dict], outputs: dict[str, 
     return io.write_json(folder / FINGERPRINT, {"inputs": inputs, "outputs": outputs})
 
 
-def content_digest(inputs: dict[str, dict]) -> str:
-    """16 hex digits of sha256 over the sorted (size, sha1) of the input files: the same for the
-    same data wherever it lies and whenever it was copied (paths and modification times left out)."""
+def content_digest(inputs: dict[str, dict], manifests: dict[str, Iterable]) -> str:
+    """16 hex digits of sha256 over the sorted (size, sha1) of the input files and, for each row of
+    each manifest (``{role: records}``, role = a split or the pool), its role, label and the content
+    it points at: the same for the same data, labels and splits wherever the files lie and whenever
+    they were copied (paths and modification times left out)."""
     facts = sorted(f"{v['size']}:{v['sha1']}" for v in inputs.values())
-    return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
+    rows = []
+    for role, records in manifests.items():
+        for r in records:
+            file, sep, rest = r.path.partition(NPZ_SEP)
+            content = inputs.get(file, {}).get("sha1", Path(file).name) + sep + rest
+            rows.append(f"{role}\t{r.label or ''}\t{content}")
+    return hashlib.sha256("\n".join(facts + sorted(rows)).encode()).hexdigest()[:16]
 
 
 def changed_inputs(folder: Path) -> tuple[list[str], list[str]] | None:

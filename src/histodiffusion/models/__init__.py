@@ -28,8 +28,8 @@ def from_folder(cls: type[M], path: Path, missing: str) -> M:
 
 def _stage_of(path: Path) -> str:
     """The stage whose folder holds ``path``: its first folder below the run directory (the nearest
-    folder above it with a config.yaml); ``STAGE`` outside a run directory."""
+    folder above it with the run's config.yaml and environment.json); ``STAGE`` outside one."""
     for root in path.resolve().parents:
-        if (root / "config.yaml").is_file():
+        if (root / "config.yaml").is_file() and (root / "environment.json").is_file():
             return path.resolve().relative_to(root).parts[0]
     return "STAGE"

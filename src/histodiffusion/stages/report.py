@@ -10,6 +10,7 @@ from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, budget_name
 from histodiffusion.data import fingerprint as fp
 from histodiffusion.data.prepared import labeled_counts, pool_tiles
+from histodiffusion.data.sources import read_manifest
 from histodiffusion.document import Document, arms_bar_chart, curves, fmt_ci, ladder_chart
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages.registry import (
@@ -144,22 +145,27 @@ def _evaluation(doc: Document, cfg: ExperimentConfig, summary: dict, out: Path, 
 
 def _ladder_verdict(summary: dict) -> str:
     """Whether the real-only ladder rises: a rung rises when its paired accuracy gain over real has a
-    95% CI above 0; a rung trained for more steps than real is named, since its gain mixes both."""
+    95% CI above 0; rungs trained for more steps than real are named, since their gain mixes both."""
     gains = summary["paired_gain_vs_real"]
-    rises = [r for r in summary["ladder"] if r != "real" and (gains[r]["accuracy"]["ci_low"] or 0) > 0]
-    level = [r for r in summary["ladder"] if r != "real" and r not in rises]
+    rungs = [r for r in summary["ladder"] if r != "real"]
+    rises = [r for r in rungs if (gains[r]["accuracy"]["ci_low"] or 0) > 0]
+    below = [r for r in rungs if (gains[r]["accuracy"]["ci_high"] or 0) < 0]
+    level = [r for r in rungs if r not in rises and r not in below]
     if not rises:
         return ("The real-only ladder is flat: more real labels do not raise test accuracy here, so no synthetic set "
                 "can show a gain measured in labels; what limits the task is not the number of labels (compare "
                 "the valid accuracies per rung: "
                 + ", ".join(f"{a} {100 * summary['valid_accuracy'][a]:.1f}" for a in summary["ladder"]) + ").")
     text = (f"The ladder rises ({', '.join(rises)} above real, paired CI above 0), so a synthetic set can be "
-            "priced in labels" + (f"; {', '.join(level)} not distinguishable from real." if level else "."))
-    longer = [r for r in rises if summary["steps"][r] > summary["steps"]["real"]]
+            "priced in labels" + (f"; {', '.join(level)} not distinguishable from real" if level else "")
+            + (f"; {', '.join(below)} below real" if below else "") + ".")
+    steps = summary["steps"]
+    longer = [r for r in rises if (steps.get(r) or 0) > (steps.get("real") or 0)]
     if longer:
-        text += (" " + ", ".join(f"{r} trains {summary['steps'][r]} steps" for r in longer)
-                 + f" against real's {summary['steps']['real']} (steps scale with the training set): "
-                 "its gain is that of more labels and more steps together.")
+        text += (" " + ", ".join(f"{r} trains {steps[r]} steps" for r in longer)
+                 + f" against real's {steps['real']} (steps scale with the training set): "
+                 + ("its gain is" if len(longer) == 1 else "their gains are")
+                 + " that of more labels and more steps together.")
     return text
 
 
@@ -220,12 +226,14 @@ def build(cfg: ExperimentConfig, root: Path, out: Path) -> dict:
     fingerprint = root / "data" / "fingerprint.json"
     if fingerprint.is_file():
         files = io.read_json(fingerprint)
-        digest = fp.content_digest(files["inputs"])
+        digest = fp.content_digest(files["inputs"], {role: read_manifest(root / "data" / f"{role}.csv")
+                                                     for role in ("train", "valid", "test", "pool")})
         results["data_fingerprint"] = {"n_inputs": len(files["inputs"]), "n_outputs": len(files["outputs"]),
                                        "sha256": digest}
-        doc.paragraph(f"Data read: {len(files['inputs'])} files, fingerprint {digest} (of the sizes and content hashes "
-                      "of every file read, wherever they lie; each file is listed in data/fingerprint.json. Two runs "
-                      "with the same fingerprint read the same data, and a rerun stops if a file changed).")
+        doc.paragraph(f"Data read: {len(files['inputs'])} files, fingerprint {digest} (of the content of every file read "
+                      "and of each manifest row's split, label and content, wherever the files lie; each file is listed "
+                      "in data/fingerprint.json. Two runs with the same fingerprint read the same data with the same "
+                      "labels and splits, and a rerun stops if a file changed).")
     if (root / "autoencoder" / "metrics.json").is_file():
         results.update(_pretraining(doc, root, out))
     results["budgets"] = {budget_name(b): _budget(doc, cfg, root, out, budget_name(b)) for b in cfg.data.target.budgets}
