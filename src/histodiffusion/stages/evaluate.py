@@ -12,16 +12,27 @@ training on nested supersets of the budget's subset) gives every arm a label-equ
 
 Each (arm, seed) run is written as soon as it finishes; an interrupted stage resumes there.
 Under ``accelerate launch`` the runs are shared out among the processes.
+
+Every finished run is also kept in ``<run dir>/evaluate/cache/<key>.json``, where the key is a
+digest of everything the training reads (its tiles and labels, the valid and test tiles, the
+recipe, the seed, the starting backbone, the code and torch versions). A run whose key is there is
+reused instead of trained again: the real-only arms shared by several budgets (``real@all``), by a
+re-run after ``--force evaluate`` (say, with one more arm), or by another run directory named in
+``evaluate.reuse_from`` (the paper and practical protocols share the target's real-only arms).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
+import histodiffusion
 from histodiffusion import io
 from histodiffusion.config import ExperimentConfig, rung_name
 from histodiffusion.data import splits as sp
@@ -33,6 +44,7 @@ from histodiffusion.data.prepared import (
     split_tiles,
 )
 from histodiffusion.devices import inference_device, machine, process_state
+from histodiffusion.errors import UserError
 from histodiffusion.metrics.arms import arm_summaries, label_equivalents, paired_gains
 from histodiffusion.metrics.classification import classification_metrics
 from histodiffusion.models.feature_encoder import ENCODER, load_encoder
@@ -108,6 +120,62 @@ def build_arms(ctx: StageContext, classes: list[str]) -> list[Arm]:
     return arms
 
 
+CACHE = "cache"  # evaluate/cache/<key>.json: finished runs by the digest of their inputs
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def backbone_digest(state: dict[str, torch.Tensor] | None) -> str:
+    """Digest of a starting backbone's weights (names sorted); ``scratch`` for none."""
+    if state is None:
+        return "scratch"
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}{t.dtype}{tuple(state[name].shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def record_key(ctx: StageContext, arm_digest: str, seed: int, valid_digest: str, test_digest: str,
+               classes: list[str], backbone: str) -> str:
+    """The cache key of one (arm, seed) run: a digest of everything its training and test read."""
+    facts = {"record": 1, "histodiffusion": histodiffusion.__version__, "torch": torch.__version__,
+             "recipe": ctx.cfg.evaluate.classifier.model_dump(mode="json"), "classes": classes, "seed": seed,
+             "train": arm_digest, "valid": valid_digest, "test": test_digest, "backbone": backbone}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_dirs(ctx: StageContext) -> list[Path]:
+    """Where finished runs are looked up: this run directory's cache, then each ``reuse_from``'s."""
+    others = []
+    for p in ctx.cfg.evaluate.reuse_from:
+        root = Path(p).expanduser()
+        if not root.is_dir():
+            raise UserError(f"evaluate.reuse_from names {p}, which is not a directory: give run directories "
+                            "(the --run-dir of earlier runs) or remove the entry")
+        others.append(root / "evaluate" / CACHE)
+    return [ctx.run_dir.root / "evaluate" / CACHE, *others]
+
+
+def _cached(dirs: list[Path], key: str) -> tuple[dict, Path] | None:
+    for d in dirs:
+        path = d / f"{key}.json"
+        if path.is_file():
+            try:
+                return io.read_json(path), path
+            except UserError:  # a damaged cache entry is trained again, not trusted
+                continue
+    return None
+
+
 def _run_one(ctx: StageContext, arm: Arm, seed: int, valid: tuple, test: tuple, classes: list[str],
              backbone: dict | None, device) -> dict:
     e = ctx.cfg.evaluate
@@ -124,25 +192,66 @@ def _run_one(ctx: StageContext, arm: Arm, seed: int, valid: tuple, test: tuple, 
             "test": classification_metrics(probs, test[1], classes), "seconds": round(time.time() - t0, 1)}
 
 
+def run_keys(ctx: StageContext, arms: list[Arm], valid: tuple, test: tuple, classes: list[str],
+             backbone: dict | None) -> dict[tuple[str, int], str]:
+    """The cache key of every (arm, seed) the stage trains."""
+    valid_digest, test_digest = _digest(*valid), _digest(*test)
+    start = {False: "scratch", True: backbone_digest(backbone) if backbone is not None else "scratch"}
+    keys = {}
+    for arm in arms:
+        if arm.same_as is not None:
+            continue
+        arm_digest = _digest(arm.tiles, arm.labels)
+        for seed in ctx.cfg.evaluate.seeds_of(arm.name):
+            keys[arm.name, seed] = record_key(ctx, arm_digest, seed, valid_digest, test_digest, classes,
+                                              start[arm.ssl])
+    return keys
+
+
 def run(ctx: StageContext) -> dict:
-    """Train and test every (arm, seed) (shared out among processes); write runs/*.json and summary.json."""
+    """Train and test every (arm, seed) (shared out among processes) that is neither done nor in a
+    cache; write runs/*.json, the cache entries and summary.json."""
     cfg, e = ctx.cfg, ctx.cfg.evaluate
     state = process_state(cfg.device)
     data = ctx.upstream("data")
     classes = classes_of(data)
     device = state.device if state.num_processes > 1 else inference_device(cfg.device)
     arms = build_arms(ctx, classes)
+    by_name = {a.name: a for a in arms}
     valid = split_tiles(data, "valid", e.classifier.eval_max, cfg.seed)
     test = split_tiles(data, "test")
     backbone = None
     if any(a.ssl for a in arms):
         backbone = load_encoder(ctx.upstream("features") / ENCODER).backbone.state_dict()
-    todo = [(a, s) for a in arms if a.same_as is None for s in e.seeds_of(a.name)
-            if not (ctx.folder / "runs" / f"{a.name}-seed{s}.json").is_file()]
+    keys = run_keys(ctx, arms, valid, test, classes, backbone)
+    dirs = cache_dirs(ctx)
+    runs_dir = ctx.folder / "runs"
+    todo, reuse = [], []
+    for (name, seed), key in keys.items():
+        if (runs_dir / f"{name}-seed{seed}.json").is_file():
+            continue
+        hit = _cached(dirs, key)
+        if hit is None:
+            todo.append((by_name[name], seed))
+        else:
+            reuse.append((by_name[name], seed, *hit))
     state.wait_for_everyone()  # every process lists what is left before any writes: the same list to share out
+    if state.is_main_process:
+        for arm, seed, record, path in reuse:
+            io.write_json(runs_dir / f"{arm.name}-seed{seed}.json",
+                          {**record, "arm": arm.name, "n_real": arm.n_real, "n_synthetic": arm.n_synthetic,
+                           "reused_from": str(path)})
+            console.print(f"{ctx.budget_name} {arm.name} seed {seed}: the same training is in {path}; reused "
+                          f"(test accuracy {record['test']['accuracy']:.4f})")
+        # runs finished before they were cached (or whose entry was deleted) go into the cache too
+        for (name, seed), key in keys.items():
+            out, entry = runs_dir / f"{name}-seed{seed}.json", dirs[0] / f"{key}.json"
+            if out.is_file() and not entry.is_file():
+                io.write_json(entry, {**io.read_json(out), "key": key})
     for arm, seed in todo[state.process_index::state.num_processes]:
-        record = _run_one(ctx, arm, seed, valid, test, classes, backbone, device)
-        io.write_json(ctx.folder / "runs" / f"{arm.name}-seed{seed}.json", record)
+        record = {**_run_one(ctx, arm, seed, valid, test, classes, backbone, device), "key": keys[arm.name, seed]}
+        io.write_json(dirs[0] / f"{record['key']}.json", record)
+        io.write_json(runs_dir / f"{arm.name}-seed{seed}.json", record)
         console.print(f"{ctx.budget_name} {arm.name} seed {seed}: test accuracy {record['test']['accuracy']:.4f}, "
                       f"balanced {record['test']['balanced_accuracy']:.4f} ({record['steps']} steps, "
                       f"{record['seconds']}s)")
