@@ -170,9 +170,11 @@ def _cached(dirs: list[Path], key: str) -> tuple[dict, Path] | None:
         path = d / f"{key}.json"
         if path.is_file():
             try:
-                return io.read_json(path), path
-            except UserError:  # a damaged cache entry is trained again, not trusted
+                record = io.read_json(path)
+            except (UserError, UnicodeDecodeError):  # a damaged cache entry is trained again, not trusted
                 continue
+            if isinstance(record, dict) and isinstance(record.get("test"), dict) and "accuracy" in record["test"]:
+                return record, path
     return None
 
 
