@@ -132,18 +132,6 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def backbone_digest(state: dict[str, torch.Tensor] | None) -> str:
-    """Digest of a starting backbone's weights (names sorted); ``scratch`` for none."""
-    if state is None:
-        return "scratch"
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}{t.dtype}{tuple(state[name].shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def record_key(ctx: StageContext, arm_digest: str, seed: int, valid_digest: str, test_digest: str,
                classes: list[str], backbone: str) -> str:
     """The cache key of one (arm, seed) run: a digest of everything its training and test read."""
@@ -194,11 +182,12 @@ def _run_one(ctx: StageContext, arm: Arm, seed: int, valid: tuple, test: tuple, 
             "test": classification_metrics(probs, test[1], classes), "seconds": round(time.time() - t0, 1)}
 
 
-def run_keys(ctx: StageContext, arms: list[Arm], valid: tuple, test: tuple, classes: list[str],
-             backbone: dict | None) -> dict[tuple[str, int], str]:
-    """The cache key of every (arm, seed) the stage trains."""
+def run_keys(ctx: StageContext, arms: list[Arm], valid: tuple, test: tuple,
+             classes: list[str]) -> dict[tuple[str, int], str]:
+    """The cache key of every (arm, seed) the stage trains; an ``ssl`` arm's names the weights of
+    stage ``features``' encoder it starts from."""
     valid_digest, test_digest = _digest(*valid), _digest(*test)
-    start = {False: "scratch", True: backbone_digest(backbone) if backbone is not None else "scratch"}
+    ssl_start = io.weights_hash(ctx.upstream("features") / ENCODER) if any(a.ssl for a in arms) else None
     keys = {}
     for arm in arms:
         if arm.same_as is not None:
@@ -206,7 +195,7 @@ def run_keys(ctx: StageContext, arms: list[Arm], valid: tuple, test: tuple, clas
         arm_digest = _digest(arm.tiles, arm.labels)
         for seed in ctx.cfg.evaluate.seeds_of(arm.name):
             keys[arm.name, seed] = record_key(ctx, arm_digest, seed, valid_digest, test_digest, classes,
-                                              start[arm.ssl])
+                                              ssl_start if arm.ssl else "scratch")
     return keys
 
 
@@ -225,7 +214,7 @@ def run(ctx: StageContext) -> dict:
     backbone = None
     if any(a.ssl for a in arms):
         backbone = load_encoder(ctx.upstream("features") / ENCODER).backbone.state_dict()
-    keys = run_keys(ctx, arms, valid, test, classes, backbone)
+    keys = run_keys(ctx, arms, valid, test, classes)
     dirs = cache_dirs(ctx)
     runs_dir = ctx.folder / "runs"
     todo, reuse = [], []
