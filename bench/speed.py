@@ -12,11 +12,12 @@ measured in the same invocation. Sections (``--sections``, default all but gpu):
   latents    LDM training latents/s from the latent cache vs encoding every step (the shipped step)
   synthesis  guided synthesis: the reference loop (DDIM-50, fp32, guidance at every step) vs
              faster settings, each with tiles/s, an oracle's agreement with the target class
-             (>= 256 tiles, 95% Wilson interval) and FD against real valid tiles
+             (>= 256 tiles, 95% Wilson interval), FD and KID (unbiased, mean +- std over
+             subsets) against real valid tiles
   gpu        the paper preset's LDM training step in bf16 on a CUDA device at the batch that
              fills it: MFU against the device's bf16 peak (spec and measured matmul)
 
-    python bench/speed.py --run-dir /work/runs/pcam-practical --budget 1pct
+    python bench/speed.py --run-dir runs/pcam-1h --budget 1pct --per-class 256
 Writes bench/results/speed.{json,md} (a section run alone replaces only its own part).
 """
 
@@ -48,7 +49,7 @@ from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
 from histodiffusion.diffusion.schedules import training_scheduler
 from histodiffusion.io import read_json, write_json, write_text
-from histodiffusion.metrics.generation import frechet_distance, split_halves
+from histodiffusion.metrics.generation import frechet_distance, kernel_inception_distance, split_halves
 from histodiffusion.models.autoencoder import build_autoencoder, load_vae
 from histodiffusion.models.feature_encoder import ENCODER, extract_features, load_encoder
 from histodiffusion.models.latent_classifier import LatentClassifier, load_latent_classifier
@@ -325,6 +326,7 @@ def synthesis_section(cfg, run: Path, budget: str, per_class: int, batch_sizes: 
     targets = np.repeat(np.arange(len(classes)), per_class)
     y_all = torch.as_tensor(targets)
     scale = cfg.synthesize.guidance_scale
+    kid_subset = cfg.generation.kid_subset_size
     rows = []
     for name, sampler, steps, precision in SETTINGS:
         for batch in batch_sizes:
@@ -343,7 +345,7 @@ def synthesis_section(cfg, run: Path, budget: str, per_class: int, batch_sizes: 
             row = {"setting": name, "batch_size": batch, "tiles": int(len(tiles)), "seconds": round(seconds, 1),
                    "tiles_per_s": round(len(tiles) / seconds, 2), "agreement": round(float(agree.mean()), 4),
                    "agreement_ci": [round(lo, 4), round(hi, 4)],
-                   "fd": round(frechet_distance(real_feats, extract_features(encoder, tiles).astype(np.float64)), 4)}
+                   **distances(real_feats, extract_features(encoder, tiles).astype(np.float64), kid_subset)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     ref = rows[0]
@@ -351,9 +353,18 @@ def synthesis_section(cfg, run: Path, budget: str, per_class: int, batch_sizes: 
         row["speedup_vs_reference"] = round(row["tiles_per_s"] / ref["tiles_per_s"], 2)
         row["fidelity_overlaps_reference"] = row["agreement_ci"][1] >= ref["agreement_ci"][0] and \
             row["agreement_ci"][0] <= ref["agreement_ci"][1]
+    floor = distances(real_feats[a], real_feats[b], kid_subset)
     return {"budget": budget, "guidance_scale": scale, "oracle_valid_balanced_accuracy":
-            round(oracle_valid["valid_balanced_accuracy"], 4), "fd_floor": round(frechet_distance(
-                real_feats[a], real_feats[b]), 4), "n_real": int(len(real_feats)), "rows": rows}
+            round(oracle_valid["valid_balanced_accuracy"], 4), "fd_floor": floor["fd"], "kid_floor": floor["kid_x1000"],
+            "kid_subset_size": kid_subset, "n_real": int(len(real_feats)), "rows": rows}
+
+
+def distances(real: np.ndarray, fake: np.ndarray, kid_subset: int) -> dict:
+    """FD and KID (x 1000, mean and std over 100 subsets) of ``fake`` to ``real`` features. FD's bias
+    grows as the tile count falls; KID is unbiased, so it compares settings measured on different counts."""
+    kid, kid_std = kernel_inception_distance(real, fake, subset_size=min(kid_subset, len(real), len(fake)))
+    return {"fd": round(frechet_distance(real, fake), 4), "kid_x1000": round(1000 * kid, 3),
+            "kid_x1000_std": round(1000 * kid_std, 3)}
 
 
 # --------------------------------------------------------------------------------------- GPU
@@ -462,13 +473,21 @@ def markdown(r: dict) -> str:
         x = r["synthesis"]
         lines += [f"## Guided synthesis ({x['budget']}, guidance scale {x['guidance_scale']})", "", *_stamp(x),
                   f"Oracle: the class-fidelity bench's (full train split; valid balanced accuracy "
-                  f"{x['oracle_valid_balanced_accuracy']}). FD in the run's SimCLR features against {x['n_real']} "
-                  f"real valid tiles; real-vs-real floor {x['fd_floor']}.", "",
-                  "| setting | batch | tiles | tiles/s | speed-up | oracle agrees with target [95% CI] | overlaps reference | FD |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"{x['oracle_valid_balanced_accuracy']}). FD and KID in the run's SimCLR features against "
+                  f"{x['n_real']} real valid tiles (KID x 1000, mean +- std over 100 subsets of "
+                  f"{x.get('kid_subset_size', '?')}); real-vs-real floors (two halves): FD {x['fd_floor']}, KID "
+                  f"{x.get('kid_floor', '-')}.", "",
+                  "| setting | batch | tiles | tiles/s | speed-up | oracle agrees with target [95% CI] | overlaps reference "
+                  "| FD | KID x 1000 |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {y['setting']} | {y['batch_size']} | {y['tiles']} | {y['tiles_per_s']} | {y['speedup_vs_reference']}x | "
                   f"{y['agreement']:.3f} [{y['agreement_ci'][0]:.3f}, {y['agreement_ci'][1]:.3f}] | "
-                  f"{'yes' if y['fidelity_overlaps_reference'] else 'no'} | {y['fd']} |" for y in x["rows"]]
+                  f"{'yes' if y['fidelity_overlaps_reference'] else 'no'} | {y['fd']} | "
+                  + (f"{y['kid_x1000']} +- {y['kid_x1000_std']} |" if "kid_x1000" in y else "- |") for y in x["rows"]]
+        if not any("guidance at t" in y["setting"] for y in x["rows"]):
+            lines += ["", "Not in this table: guidance only at t <= 600 (the max-timestep switch), measured at DDIM-20 bf16 "
+                      "on the pcam-practical run (256 tiles, speed.json before 2026-12-05): 3.45x the reference's tiles/s "
+                      "but oracle agreement 0.648 [0.588, 0.704] against 0.918 [0.878, 0.946]; it lost the class and "
+                      "was removed from the library."]
         lines += ["", *_default_sampler(x["rows"]), ""]
     if "gpu" in r:
         g = r["gpu"]
