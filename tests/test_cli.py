@@ -201,11 +201,13 @@ def test_a_second_process_on_a_run_directory_stops_at_once_naming_the_holder(tmp
 @pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGINT, 130, ""), (signal.SIGTERM, 143, " (SIGTERM)")])
 def test_ctrl_c_and_sigterm_exit_saying_how_to_resume(sig: int, code: int, name: str, tmp_path: Path,
                                                       data_root: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "histodiffusion", "data", "prepare", str(CONFIGS / "smoke.yaml"),
+    # signalled once the autoencoder stage starts: the stages after it take far longer than a
+    # signal to arrive (the data stage alone could finish first on a fast machine)
+    proc = subprocess.Popen([sys.executable, "-m", "histodiffusion", "run", str(CONFIGS / "smoke.yaml"),
                              "--run-dir", str(tmp_path / "run"), "--data-root", str(data_root)],
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
-    for line in proc.stderr:  # the data stage has started
-        if "data root:" in line:
+    for line in proc.stderr:
+        if "autoencoder: running in" in line:
             break
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
