@@ -49,7 +49,11 @@ from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
 from histodiffusion.diffusion.schedules import training_scheduler
 from histodiffusion.io import read_json, write_json, write_text
-from histodiffusion.metrics.generation import frechet_distance, kernel_inception_distance, split_halves
+from histodiffusion.metrics.generation import (
+    frechet_distance,
+    kernel_inception_distance,
+    split_halves,
+)
 from histodiffusion.models.autoencoder import build_autoencoder, load_vae
 from histodiffusion.models.feature_encoder import ENCODER, extract_features, load_encoder
 from histodiffusion.models.latent_classifier import LatentClassifier, load_latent_classifier
@@ -475,19 +479,14 @@ def markdown(r: dict) -> str:
                   f"Oracle: the class-fidelity bench's (full train split; valid balanced accuracy "
                   f"{x['oracle_valid_balanced_accuracy']}). FD and KID in the run's SimCLR features against "
                   f"{x['n_real']} real valid tiles (KID x 1000, mean +- std over 100 subsets of "
-                  f"{x.get('kid_subset_size', '?')}); real-vs-real floors (two halves): FD {x['fd_floor']}, KID "
-                  f"{x.get('kid_floor', '-')}.", "",
+                  f"{x['kid_subset_size']}); real-vs-real floors (two halves): FD {x['fd_floor']}, KID "
+                  f"{x['kid_floor']}.", "",
                   "| setting | batch | tiles | tiles/s | speed-up | oracle agrees with target [95% CI] | overlaps reference "
                   "| FD | KID x 1000 |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {y['setting']} | {y['batch_size']} | {y['tiles']} | {y['tiles_per_s']} | {y['speedup_vs_reference']}x | "
                   f"{y['agreement']:.3f} [{y['agreement_ci'][0]:.3f}, {y['agreement_ci'][1]:.3f}] | "
                   f"{'yes' if y['fidelity_overlaps_reference'] else 'no'} | {y['fd']} | "
-                  + (f"{y['kid_x1000']} +- {y['kid_x1000_std']} |" if "kid_x1000" in y else "- |") for y in x["rows"]]
-        if not any("guidance at t" in y["setting"] for y in x["rows"]):
-            lines += ["", "Not in this table: guidance only at t <= 600 (the max-timestep switch), measured at DDIM-20 bf16 "
-                      "on the pcam-practical run (256 tiles, speed.json before 2026-12-05): 3.45x the reference's tiles/s "
-                      "but oracle agreement 0.648 [0.588, 0.704] against 0.918 [0.878, 0.946]; it lost the class and "
-                      "was removed from the library."]
+                  f"{y['kid_x1000']} +- {y['kid_x1000_std']} |" for y in x["rows"]]
         lines += ["", *_default_sampler(x["rows"]), ""]
     if "gpu" in r:
         g = r["gpu"]
