@@ -44,7 +44,7 @@ from histodiffusion.config import load_config
 from histodiffusion.data.images import tiles_to_tensor
 from histodiffusion.data.latents import LatentSet, normalize_latents
 from histodiffusion.data.prepared import classes_of, pool_tiles, split_tiles
-from histodiffusion.devices import machine
+from histodiffusion.devices import cpu_cores, fork_map, machine
 from histodiffusion.diffusion.guidance import guided_eps
 from histodiffusion.diffusion.sampling import latent_shape, sample_batches, unet_eps_fn
 from histodiffusion.diffusion.schedules import training_scheduler
@@ -199,26 +199,42 @@ def latent_classifier_steps(cfg, run: Path, n: int, peak: float) -> list[dict]:
 
 
 def tile_classifier_steps(cfg, run: Path, n: int, peak: float) -> list[dict]:
-    """The downstream classifier's step (evaluate stage): channels_last bf16 as shipped, and before."""
+    """The downstream classifier's step (evaluate stage): channels_last bf16 as shipped, and before;
+    then one such training per core side by side (``evaluate.cpu_workers``' default), each in its
+    own process with its share of the threads."""
     cache = pool_tiles(run / "data")
     tiles = torch.as_tensor(cache.take(np.arange(min(len(cache), 512))))
     labels = torch.arange(len(tiles)) % 2
     e = cfg.evaluate.classifier
     p = np.full(len(tiles), 1.0 / len(tiles))
-    rows = []
-    for setting, dtype, channels_last in (("fp32", None, False), ("bf16", torch.bfloat16, False),
-                                          ("bf16, channels_last (shipped)", torch.bfloat16, True)):
+    name = f"downstream classifier ({e.backbone})"
+
+    def make_step(dtype: torch.dtype | None, channels_last: bool) -> Callable[[int], object]:
         torch.manual_seed(0)
         model = build_tile_classifier(e.backbone, 2).train()
         model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        return lambda i: accumulate_step(None, model, opt, None, lambda _m: (tile_classifier_step_loss(
+            model, tiles, labels, p, e.batch_size, e.color_jitter, 0, i, "cpu", dtype), {}))
 
-        def step(i: int, model=model, opt=opt, dtype=dtype) -> None:
-            accumulate_step(None, model, opt, None, lambda _m: (tile_classifier_step_loss(
-                model, tiles, labels, p, e.batch_size, e.color_jitter, 0, i, "cpu", dtype), {}))
-
-        rows.append(_step_row(f"downstream classifier ({e.backbone})", setting, step, e.batch_size, n, peak))
+    rows = []
+    for setting, dtype, channels_last in (("fp32", None, False), ("bf16", torch.bfloat16, False),
+                                          ("bf16, channels_last", torch.bfloat16, True)):
+        rows.append(_step_row(name, setting, make_step(dtype, channels_last), e.batch_size, n, peak))
         print(json.dumps(rows[-1]), flush=True)
+    workers = cpu_cores()
+    if workers > 1:
+        flops = _flops(make_step(torch.bfloat16, True))
+        # every worker times its own n steps; they start together, so the machine's rate is workers / s
+        s = float(np.mean([t for _, t in fork_map(lambda _w: _timed(make_step(torch.bfloat16, True), n),
+                                                    workers, workers)]))
+        rows.append({"step": name, "setting": f"bf16, channels_last, {workers} trainings side by side, "
+                     f"{max(1, cpu_cores() // workers)} thread(s) each",
+                     "seconds_per_step": round(s / workers, 4), "items_per_s": round(workers * e.batch_size / s, 1),
+                     "gflop_per_step": round(flops / 1e9, 2), "gflops": round(workers * flops / s / 1e9, 1),
+                     "percent_of_bf16_peak": round(100 * workers * flops / s / peak, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    rows[-1]["setting"] += " (shipped)"
     return rows
 
 

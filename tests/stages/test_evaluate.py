@@ -1,16 +1,21 @@
-"""Stage ``evaluate``'s cache of finished trainings (stages/evaluate.py): a run with exactly the
+"""Stage ``evaluate`` (stages/evaluate.py): its cache of finished trainings (a run with exactly the
 same inputs is reused, across budgets, after ``--force evaluate`` and from another run directory
-(``evaluate.reuse_from``); anything that changes the training trains again."""
+(``evaluate.reuse_from``); anything that changes the training trains again), and its trainings
+side by side in CPU worker processes (``evaluate.cpu_workers``)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import histodiffusion.stages.evaluate as evaluate_stage
 from histodiffusion.config import load_config
+from histodiffusion.devices import cpu_cores
 from histodiffusion.errors import UserError
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_pipeline, run_stage
@@ -18,9 +23,11 @@ from tests.helpers import CONFIGS
 
 
 def _cfg(smoke_cfg, *overrides: str):
-    """The smoke config cut to the real arm and real@all (no diffusion model), one seed."""
+    """The smoke config cut to the real arm and real@all (no diffusion model), one seed; the
+    trainings in this process, one after another (the fixture ``trainings`` counts them here)."""
     return load_config(CONFIGS / "smoke.yaml", [f"data.root={smoke_cfg.data.root}", "evaluate.arms=[real]",
-                                                "evaluate.ladder=[]", "evaluate.seeds=[0]", *overrides])
+                                                "evaluate.ladder=[]", "evaluate.seeds=[0]", "evaluate.cpu_workers=1",
+                                                *overrides])
 
 
 def _runs(rd: RunDir, budget: str) -> dict[str, dict]:
@@ -105,3 +112,62 @@ def test_reuse_from_does_not_change_the_stage_hash(smoke_cfg, tmp_path) -> None:
     a = _cfg(smoke_cfg).section_hash("evaluate")
     assert _cfg(smoke_cfg, f"evaluate.reuse_from=[{tmp_path}]").section_hash("evaluate") == a
     assert _cfg(smoke_cfg, "evaluate.classifier.lr=0.002").section_hash("evaluate") != a
+
+
+def test_workers_train_each_run_once_and_give_what_one_process_gives(smoke_cfg, tmp_path) -> None:
+    """Two arms x two seeds, two at a time in forked processes: the same records as one after
+    another in this process at the workers' thread count."""
+    rd = RunDir(tmp_path / "workers")
+    run_pipeline(_cfg(smoke_cfg, "evaluate.seeds=[0,1]", "evaluate.cpu_workers=2"), rd)
+    workers = _runs(rd, "8perclass")
+    assert sorted(workers) == ["real-seed0", "real-seed1", "real@all-seed0", "real@all-seed1"]
+    threads = max(1, cpu_cores() // 2)
+    assert {r["torch_threads"] for r in workers.values()} == {threads}
+    assert not multiprocessing.active_children()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one = RunDir(tmp_path / "one")
+        run_pipeline(_cfg(smoke_cfg, "evaluate.seeds=[0,1]"), one)
+    finally:
+        torch.set_num_threads(before)
+    for name, record in _runs(one, "8perclass").items():
+        assert workers[name]["test"] == record["test"] and workers[name]["best_step"] == record["best_step"]
+    assert json.loads((rd.root / "evaluate" / "8perclass" / "summary.json").read_text())["arms"] == \
+        json.loads((one.root / "evaluate" / "8perclass" / "summary.json").read_text())["arms"]
+
+
+def test_a_failed_training_ends_the_workers_and_the_rerun_trains_only_what_is_missing(smoke_cfg, tmp_path,
+                                                                                      monkeypatch) -> None:
+    rd = RunDir(tmp_path / "run")
+    cfg = _cfg(smoke_cfg, "evaluate.cpu_workers=2")
+    runs = rd.root / "evaluate" / "8perclass" / "runs"
+    train = evaluate_stage._run_one
+
+    def real_at_all_fails(ctx, arm, seed, *args, **kw):
+        if arm.name == "real@all":  # fails once the other training is written
+            t0 = time.monotonic()
+            while not (runs / "real-seed0.json").is_file() and time.monotonic() - t0 < 120:
+                time.sleep(0.2)
+            raise RuntimeError("disk full")
+        return train(ctx, arm, seed, *args, **kw)
+
+    monkeypatch.setattr(evaluate_stage, "_run_one", real_at_all_fails)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_pipeline(cfg, rd)
+    assert not multiprocessing.active_children()
+    kept = (runs / "real-seed0.json").read_text()
+    assert not (runs / "real@all-seed0.json").exists()
+
+    monkeypatch.undo()
+    trained: list[str] = []
+
+    def counted(ctx, arm, seed, *args, **kw):
+        trained.append(arm.name)  # in this process: one training left, so no worker is forked
+        return train(ctx, arm, seed, *args, **kw)
+
+    monkeypatch.setattr(evaluate_stage, "_run_one", counted)
+    run_pipeline(cfg, rd)
+    assert trained == ["real@all"]
+    assert (runs / "real-seed0.json").read_text() == kept and (runs / "real@all-seed0.json").is_file()

@@ -23,9 +23,11 @@ re-run after ``--force evaluate`` (say, with one more arm), or by another run di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +45,20 @@ from histodiffusion.data.prepared import (
     split_rows,
     split_tiles,
 )
-from histodiffusion.devices import inference_device, machine, process_state
+from histodiffusion.devices import (
+    cpu_cores,
+    fork_map,
+    inference_device,
+    machine,
+    process_state,
+    uses_cpu,
+)
 from histodiffusion.errors import UserError
 from histodiffusion.metrics.arms import arm_summaries, label_equivalents, paired_gains
 from histodiffusion.metrics.classification import classification_metrics
 from histodiffusion.models.feature_encoder import ENCODER, load_encoder
 from histodiffusion.models.tile_classifier import predict_logits, softmax
-from histodiffusion.progress import console
+from histodiffusion.progress import console, progress_bar
 from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.training.tile_classifier import steps_for, train_tile_classifier
 
@@ -167,19 +176,50 @@ def _cached(dirs: list[Path], key: str) -> tuple[dict, Path] | None:
 
 
 def _run_one(ctx: StageContext, arm: Arm, seed: int, valid: tuple, test: tuple, classes: list[str],
-             backbone: dict | None, device) -> dict:
+             backbone: dict | None, device, progress: bool = True) -> dict:
     e = ctx.cfg.evaluate
     t0 = time.time()
     clf = train_tile_classifier(arm.tiles, arm.labels, *valid, len(classes), seed,
                                 **e.classifier.model_dump(exclude={"eval_max"}),
                                 init_backbone=backbone if arm.ssl else None, device=device,
-                                description=f"{ctx.budget_name} {arm.name} seed {seed}")
+                                description=f"{ctx.budget_name} {arm.name} seed {seed}", progress=progress)
     probs = softmax(predict_logits(clf.model, test[0], device, precision=e.classifier.precision))
     return {"arm": arm.name, "seed": seed, "n_real": arm.n_real, "n_synthetic": arm.n_synthetic,
             "steps": steps_for(len(arm.labels), e.classifier.steps, e.classifier.batch_size, e.classifier.epochs,
                                e.classifier.max_steps),
             "best_step": clf.best_step, "valid": clf.best_valid,
-            "test": classification_metrics(probs, test[1], classes), "seconds": round(time.time() - t0, 1)}
+            "test": classification_metrics(probs, test[1], classes), "seconds": round(time.time() - t0, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+def cpu_workers(cfg: ExperimentConfig, num_processes: int, trainings: int) -> int:
+    """How many of this process's ``trainings`` run at once (``evaluate.cpu_workers``, default one
+    per core): 1 on GPUs and under a multi-process launch, which shares the runs out instead."""
+    if num_processes > 1 or not uses_cpu(cfg.device):
+        return 1
+    return max(1, min(cfg.evaluate.cpu_workers or cpu_cores(), trainings))
+
+
+def _train_all(ctx: StageContext, todo: list[tuple[Arm, int]], workers: int, valid: tuple, test: tuple,
+               classes: list[str], backbone: dict | None, device, finish: Callable[[Arm, int, dict], None]) -> None:
+    """Train and test each (arm, seed) of ``todo``, one after another or ``workers`` at a time in
+    forked CPU processes, and hand each record to ``finish`` as it comes (so an interrupted stage
+    keeps every finished run)."""
+    def one(i: int) -> dict:
+        arm, seed = todo[i]
+        return _run_one(ctx, arm, seed, valid, test, classes, backbone, device, progress=workers == 1)
+
+    if workers == 1:
+        for i, (arm, seed) in enumerate(todo):
+            finish(arm, seed, one(i))
+        return
+    console.print(f"{ctx.budget_name}: {len(todo)} trainings, {workers} at a time, each in its own process with "
+                  f"{max(1, cpu_cores() // workers)} torch thread(s) (evaluate.cpu_workers)")
+    with progress_bar(f"evaluate {ctx.budget_name}", len(todo), unit="trainings") as advance, \
+            contextlib.closing(fork_map(one, len(todo), workers)) as results:
+        for i, record in results:
+            finish(*todo[i], record)
+            advance()
 
 
 def run_keys(ctx: StageContext, arms: list[Arm], valid: tuple, test: tuple,
@@ -239,13 +279,17 @@ def run(ctx: StageContext) -> dict:
             out, entry = runs_dir / f"{name}-seed{seed}.json", dirs[0] / f"{key}.json"
             if out.is_file() and not entry.is_file():
                 io.write_json(entry, {**io.read_json(out), "key": key})
-    for arm, seed in todo[state.process_index::state.num_processes]:
-        record = {**_run_one(ctx, arm, seed, valid, test, classes, backbone, device), "key": keys[arm.name, seed]}
+    def finish(arm: Arm, seed: int, record: dict) -> None:
+        record = {**record, "key": keys[arm.name, seed]}
         io.write_json(dirs[0] / f"{record['key']}.json", record)
         io.write_json(runs_dir / f"{arm.name}-seed{seed}.json", record)
         console.print(f"{ctx.budget_name} {arm.name} seed {seed}: test accuracy {record['test']['accuracy']:.4f}, "
                       f"balanced {record['test']['balanced_accuracy']:.4f} ({record['steps']} steps, "
                       f"{record['seconds']}s)")
+
+    mine = todo[state.process_index::state.num_processes]
+    _train_all(ctx, mine, cpu_workers(cfg, state.num_processes, len(mine)), valid, test, classes, backbone,
+               device, finish)
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
