@@ -23,7 +23,7 @@ def __getattr__(name: str):
 
         return RunDir
     if name in ("run_pipeline", "run_stage"):
-        from histodiffusion.stages import registry
+        from histodiffusion import pipeline
 
-        return getattr(registry, name)
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'histodiffusion' has no attribute {name!r}")

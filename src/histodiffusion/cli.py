@@ -95,8 +95,8 @@ def _register_stage_command(command_name: str, text: str) -> None:
 
 
 def _stage_commands() -> dict[str, str]:
-    # The registry module is light (no torch; the stage modules are imported on first use).
-    from histodiffusion.stages.registry import COMMANDS
+    # The pipeline module is light (no torch; the stage modules are imported on first use).
+    from histodiffusion.pipeline import COMMANDS
 
     return COMMANDS
 

@@ -1,4 +1,4 @@
-"""The whole pipeline (stages/registry.py ``run_pipeline``): on the smoke config, on the README's
+"""The whole pipeline (pipeline.py ``run_pipeline``): on the smoke config, on the README's
 quickstart config (the demo tiles shipped in the package, no data root) with its step counts cut,
 and on the PathMNIST config over a PathMNIST-format file the test writes."""
 

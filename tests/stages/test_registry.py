@@ -1,4 +1,4 @@
-"""The stage registry and runner (stages/registry.py): DONE markers, skip on rerun, --force (with
+"""The stage registry and runner (histodiffusion/pipeline.py): DONE markers, skip on rerun, --force (with
 what depends on it), changed-config refusal, failed starts, upstream checks, and which names and
 commands may be registered."""
 
@@ -12,8 +12,7 @@ import yaml
 
 from histodiffusion import io
 from histodiffusion.errors import UserError
-from histodiffusion.rundir import RunDir
-from histodiffusion.stages.registry import (
+from histodiffusion.pipeline import (
     COMMANDS,
     PIPELINE,
     STAGES,
@@ -26,6 +25,7 @@ from histodiffusion.stages.registry import (
     run_pipeline,
     run_stage,
 )
+from histodiffusion.rundir import RunDir
 from tests.helpers import make_config
 
 CALLS: list[str] = []

@@ -9,8 +9,8 @@ from accelerate import PartialState
 from histodiffusion import io
 from histodiffusion.data.prepared import pool_tiles, split_records
 from histodiffusion.models.autoencoder import build_autoencoder, save_vae
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console
-from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.training.autoencoder import PoolSampler, train_autoencoder
 
 

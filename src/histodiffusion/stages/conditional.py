@@ -14,8 +14,8 @@ from histodiffusion.diffusion.schedules import training_scheduler
 from histodiffusion.errors import UserError
 from histodiffusion.models.autoencoder import load_vae
 from histodiffusion.models.unet import build_unet, count_parameters
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console
-from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.training.diffusion import train_diffusion
 from histodiffusion.training.latent_classifier import class_balanced_weights
 

@@ -30,8 +30,8 @@ from histodiffusion.data.sources import (
     write_manifest,
 )
 from histodiffusion.errors import UserError
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console, print_counts, warn
-from histodiffusion.stages.registry import Stage, StageContext, register
 
 EVAL_SPLITS = ("train", "valid", "test")
 LARGE_FACTOR = 8

@@ -58,8 +58,8 @@ from histodiffusion.metrics.arms import arm_summaries, label_equivalents, paired
 from histodiffusion.metrics.classification import classification_metrics
 from histodiffusion.models.feature_encoder import ENCODER, load_encoder
 from histodiffusion.models.tile_classifier import predict_logits, softmax
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console, progress_bar
-from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.training.tile_classifier import steps_for, train_tile_classifier
 
 

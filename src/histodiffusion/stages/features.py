@@ -9,7 +9,7 @@ import numpy as np
 from histodiffusion.data.prepared import pool_tiles
 from histodiffusion.devices import inference_device
 from histodiffusion.models.feature_encoder import ENCODER, save_encoder
-from histodiffusion.stages.registry import Stage, StageContext, register
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.training.simclr import train_feature_encoder
 
 

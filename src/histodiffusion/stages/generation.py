@@ -23,8 +23,8 @@ from histodiffusion.models.feature_encoder import (
     inception_features,
     load_encoder,
 )
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console
-from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.viz import labeled_rows, save_image
 
 

@@ -6,8 +6,8 @@ from histodiffusion import io
 from histodiffusion.data import splits as sp
 from histodiffusion.data.prepared import classes_of, split_records
 from histodiffusion.data.sources import write_manifest
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import print_counts
-from histodiffusion.stages.registry import Stage, StageContext, register
 
 
 def run(ctx: StageContext) -> dict:

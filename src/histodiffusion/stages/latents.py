@@ -8,7 +8,7 @@ from histodiffusion.data.latents import encode_to_shards
 from histodiffusion.data.prepared import pool_tiles
 from histodiffusion.devices import inference_device
 from histodiffusion.models.autoencoder import load_vae
-from histodiffusion.stages.registry import Stage, StageContext, register
+from histodiffusion.pipeline import Stage, StageContext, register
 
 
 def run(ctx: StageContext) -> dict:

@@ -13,8 +13,8 @@ from histodiffusion.diffusion.sampling import preview_tiles
 from histodiffusion.diffusion.schedules import training_scheduler
 from histodiffusion.models.autoencoder import load_vae
 from histodiffusion.models.unet import build_unet, count_parameters
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console
-from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.training.diffusion import train_diffusion
 
 

@@ -12,8 +12,7 @@ from histodiffusion.data import fingerprint as fp
 from histodiffusion.data.prepared import labeled_counts, pool_tiles
 from histodiffusion.data.sources import read_manifest
 from histodiffusion.document import Document, arms_bar_chart, curves, fmt_ci, ladder_chart
-from histodiffusion.rundir import RunDir
-from histodiffusion.stages.registry import (
+from histodiffusion.pipeline import (
     PIPELINE,
     STAGES,
     Stage,
@@ -21,6 +20,7 @@ from histodiffusion.stages.registry import (
     register,
     stage_keys,
 )
+from histodiffusion.rundir import RunDir
 from histodiffusion.viz import pool_grid
 
 DEMO_NOTE = ("This run used the demo tiles shipped with the package: a few hundred 32 px tiles and a test split of "

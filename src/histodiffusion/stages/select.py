@@ -24,8 +24,8 @@ from histodiffusion.models.tile_classifier import (
     predict_logits,
     softmax,
 )
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console
-from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.training.tile_classifier import TrainedClassifier, train_tile_classifier
 
 SELECTABLE = ("guided", "conditional")

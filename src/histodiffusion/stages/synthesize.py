@@ -35,8 +35,8 @@ from histodiffusion.errors import UserError
 from histodiffusion.models.autoencoder import load_vae
 from histodiffusion.models.latent_classifier import CLASSIFIER, load_latent_classifier
 from histodiffusion.models.unet import ADAPT, UNET, load_unet
+from histodiffusion.pipeline import Stage, StageContext, register
 from histodiffusion.progress import console, progress_bar
-from histodiffusion.stages.registry import Stage, StageContext, register
 from histodiffusion.viz import labeled_rows, save_image
 
 FIELDS = ["path", "label", "index", "source", "guidance_scale", "sampler", "num_steps", "eta",
