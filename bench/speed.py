@@ -200,8 +200,8 @@ def latent_classifier_steps(cfg, run: Path, n: int, peak: float) -> list[dict]:
 
 def tile_classifier_steps(cfg, run: Path, n: int, peak: float) -> list[dict]:
     """The downstream classifier's step (evaluate stage): channels_last bf16 as shipped, and before;
-    then one such training per core side by side (``evaluate.cpu_workers``' default), each in its
-    own process with its share of the threads."""
+    then one such training per core side by side (``evaluate.cpu_processes``' default), each in its
+    own process with one thread."""
     cache = pool_tiles(run / "data")
     tiles = torch.as_tensor(cache.take(np.arange(min(len(cache), 512))))
     labels = torch.arange(len(tiles)) % 2
@@ -217,24 +217,24 @@ def tile_classifier_steps(cfg, run: Path, n: int, peak: float) -> list[dict]:
         return lambda i: accumulate_step(None, model, opt, None, lambda _m: (tile_classifier_step_loss(
             model, tiles, labels, p, e.batch_size, e.color_jitter, 0, i, "cpu", dtype), {}))
 
+    processes = cpu_cores()  # evaluate.cpu_processes' default: one training per core
+    shipped = "bf16, channels_last" + (" (shipped in one process)" if processes > 1 else " (shipped)")
     rows = []
     for setting, dtype, channels_last in (("fp32", None, False), ("bf16", torch.bfloat16, False),
-                                          ("bf16, channels_last", torch.bfloat16, True)):
+                                          (shipped, torch.bfloat16, True)):
         rows.append(_step_row(name, setting, make_step(dtype, channels_last), e.batch_size, n, peak))
         print(json.dumps(rows[-1]), flush=True)
-    workers = cpu_cores()
-    if workers > 1:
+    if processes > 1:
         flops = _flops(make_step(torch.bfloat16, True))
-        # every worker times its own n steps; they start together, so the machine's rate is workers / s
+        # every process times its own n steps; they start together, so the machine's rate is processes / s
         s = float(np.mean([t for _, t in fork_map(lambda _w: _timed(make_step(torch.bfloat16, True), n),
-                                                    workers, workers)]))
-        rows.append({"step": name, "setting": f"bf16, channels_last, {workers} trainings side by side, "
-                     f"{max(1, cpu_cores() // workers)} thread(s) each",
-                     "seconds_per_step": round(s / workers, 4), "items_per_s": round(workers * e.batch_size / s, 1),
-                     "gflop_per_step": round(flops / 1e9, 2), "gflops": round(workers * flops / s / 1e9, 1),
-                     "percent_of_bf16_peak": round(100 * workers * flops / s / peak, 1)})
+                                                    processes, processes)]))
+        rows.append({"step": name, "setting": f"bf16, channels_last, {processes} trainings side by side, one thread "
+                     "each (shipped: evaluate)", "seconds_per_step": round(s / processes, 4),
+                     "items_per_s": round(processes * e.batch_size / s, 1), "gflop_per_step": round(flops / 1e9, 2),
+                     "gflops": round(processes * flops / s / 1e9, 1),
+                     "percent_of_bf16_peak": round(100 * processes * flops / s / peak, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    rows[-1]["setting"] += " (shipped)"
     return rows
 
 

@@ -439,10 +439,10 @@ class EvaluateCfg(_Section):
     arm_seeds: dict[str, Annotated[int, Field(ge=1)]] = {}
     """Run an arm on only the first N of ``seeds`` (e.g. the ladder rungs on 5, the headline arms on
     all 10); keys: arm names (``real@2x``, ``real@all`` for rungs)."""
-    cpu_workers: Annotated[int, Field(ge=1)] | None = None
-    """On the CPU, how many trainings run at once, each in its own process with (cores // this)
-    torch threads; unset: one per core (1: one after another in this process, with all threads).
-    On GPUs the trainings are shared out among the processes of ``accelerate launch`` instead."""
+    cpu_processes: Annotated[int, Field(ge=1)] | None = None
+    """On the CPU (Linux), how many trainings run at once, each in its own process with one torch
+    thread; unset: one per core; 1: one after another in this process with every thread. On GPUs
+    the trainings are shared out among the processes of ``accelerate launch`` instead."""
     reuse_from: list[str] = []
     """Other run directories whose finished trainings (``evaluate/cache``) this evaluation reuses
     when one has exactly the same inputs (tiles, labels, valid and test tiles, recipe, seed,
@@ -584,7 +584,7 @@ class ExperimentConfig(_Section):
 
 # ------------------------------------------------------------------------------------ loading
 _NON_SEMANTIC = ("data.root", "data.num_workers", "device", "run_dir", "tracking", "evaluate.reuse_from",
-                "evaluate.cpu_workers")
+                "evaluate.cpu_processes")
 # Settings that never change a stage's results (exact resume makes checkpoint cadence irrelevant).
 _NON_SEMANTIC_KEYS = frozenset({"time_limit_minutes", "log_every", "checkpoint_every", "keep_checkpoints",
                                 "sample_every"})

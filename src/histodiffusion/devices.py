@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import multiprocessing
 import os
 import platform
 import signal
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import timedelta
@@ -84,43 +87,70 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-_FORKED: dict[int, Callable[[int], object]] = {}  # what fork_map's workers call, inherited through fork
+_FORKED: dict[int, Callable[[int], object]] = {}  # what fork_map's processes call, inherited through fork
 _TOKENS = itertools.count()
 
 
-def _start_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it ends the workers
+def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    sys.__stderr__.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _start_process(parent: int) -> None:
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it ends the processes
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # whatever the caller had redirected (a progress display, the CLI's warning format) is not ours
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    warnings.showwarning = _plain_warning
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the caller, freeing what it held
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def _call(token: int, i: int) -> object:
     return _FORKED[token](i)
 
 
-def fork_map(fn: Callable[[int], T], n: int, workers: int) -> Iterator[tuple[int, T]]:
-    """``fn(i)`` for ``i`` in ``range(n)``, in ``workers`` forked CPU processes with
-    ``cpu_cores() // workers`` torch threads each; yields ``(i, fn(i))`` as each one finishes.
+def fork_map(fn: Callable[[int], T], n: int, processes: int) -> Iterator[tuple[int, T]]:
+    """``fn(i)`` for ``i`` in ``range(n)`` in ``processes`` forked CPU processes of one torch thread
+    each; iterating the result yields ``(i, fn(i))`` as each one finishes. Linux only.
 
     Independent CPU trainings run faster side by side with one thread each than one after another
-    with all threads (``bench/results/speed.md``: the downstream classifier's step). The workers
-    are forked, so ``fn`` and what it reads are inherited, not pickled; only results travel back.
-    CPU only (a forked process cannot use CUDA state). An exception in ``fn`` or in the caller
-    (Ctrl-C, SIGTERM, leaving the loop early) kills the workers; results already yielded stand.
+    with all threads (``bench/results/speed.md``: the downstream classifier's step). The processes
+    are forked at this call (before any thread or progress display the caller starts next), so
+    ``fn`` and what it reads are inherited, not pickled; only results travel back. One thread each:
+    GNU OpenMP hangs when a process forked after its parent used OpenMP starts a thread team. CPU
+    only (a forked process cannot use CUDA state). When ``fn`` fails, the results that finished
+    beside it are yielded first; a failure, Ctrl-C or SIGTERM in the caller, or closing the
+    iterator kills the processes. A process that dies (say, killed for memory) raises
+    ``concurrent.futures.process.BrokenProcessPool``.
     """
+    if sys.platform != "linux":
+        raise RuntimeError("fork_map forks worker processes, which needs Linux")
     token = next(_TOKENS)
     _FORKED[token] = fn
     before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
-                               initargs=(max(1, cpu_cores() // workers),))
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_process, initargs=(os.getpid(),))
+    futures = {pool.submit(_call, token, i): i for i in range(n)}  # forks every process now
+    return _results(pool, futures, token, before)
+
+
+def _results(pool: ProcessPoolExecutor, futures: dict, token: int, before: set) -> Iterator[tuple[int, T]]:
+    given = set()
     try:
-        futures = {pool.submit(_call, token, i): i for i in range(n)}
         for future in as_completed(futures):
+            if future.exception() is not None:  # first hand back what finished beside it
+                for other in futures:
+                    if other not in given and other.done() and not other.cancelled() and other.exception() is None:
+                        given.add(other)
+                        yield futures[other], other.result()
+            given.add(future)
             yield futures[future], future.result()
     except BaseException:
         for p in set(multiprocessing.active_children()) - before:
             p.kill()
-        pool.shutdown(cancel_futures=True)  # its manager thread finds the workers gone, reaps them and ends
+        pool.shutdown(cancel_futures=True)  # its manager thread finds the processes gone, reaps them and ends
         raise
     finally:
         _FORKED.pop(token, None)

@@ -1,7 +1,7 @@
 """Stage ``evaluate`` (stages/evaluate.py): its cache of finished trainings (a run with exactly the
 same inputs is reused, across budgets, after ``--force evaluate`` and from another run directory
 (``evaluate.reuse_from``); anything that changes the training trains again), and its trainings
-side by side in CPU worker processes (``evaluate.cpu_workers``)."""
+side by side in CPU worker processes (``evaluate.cpu_processes``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 
 import histodiffusion.stages.evaluate as evaluate_stage
 from histodiffusion.config import load_config
-from histodiffusion.devices import cpu_cores
 from histodiffusion.errors import UserError
 from histodiffusion.rundir import RunDir
 from histodiffusion.stages import run_pipeline, run_stage
@@ -26,7 +25,7 @@ def _cfg(smoke_cfg, *overrides: str):
     """The smoke config cut to the real arm and real@all (no diffusion model), one seed; the
     trainings in this process, one after another (the fixture ``trainings`` counts them here)."""
     return load_config(CONFIGS / "smoke.yaml", [f"data.root={smoke_cfg.data.root}", "evaluate.arms=[real]",
-                                                "evaluate.ladder=[]", "evaluate.seeds=[0]", "evaluate.cpu_workers=1",
+                                                "evaluate.ladder=[]", "evaluate.seeds=[0]", "evaluate.cpu_processes=1",
                                                 *overrides])
 
 
@@ -107,41 +106,41 @@ def test_reuse_from_must_name_a_run_directory(smoke_cfg, tmp_path) -> None:
         run_pipeline(cfg, RunDir(tmp_path / "run"))
 
 
-def test_reuse_from_does_not_change_the_stage_hash(smoke_cfg, tmp_path) -> None:
-    """Where finished runs may come from is not part of what the stage computes."""
+def test_reuse_from_and_cpu_processes_do_not_change_the_stage_hash(smoke_cfg, tmp_path) -> None:
+    """Where finished runs may come from, and how many train at once, is not part of what the stage computes."""
     a = _cfg(smoke_cfg).section_hash("evaluate")
     assert _cfg(smoke_cfg, f"evaluate.reuse_from=[{tmp_path}]").section_hash("evaluate") == a
+    assert _cfg(smoke_cfg, "evaluate.cpu_processes=4").section_hash("evaluate") == a  # nor how many run at once
     assert _cfg(smoke_cfg, "evaluate.classifier.lr=0.002").section_hash("evaluate") != a
 
 
-def test_workers_train_each_run_once_and_give_what_one_process_gives(smoke_cfg, tmp_path) -> None:
+def test_processes_train_each_run_once_and_give_what_one_thread_gives(smoke_cfg, tmp_path) -> None:
     """Two arms x two seeds, two at a time in forked processes: the same records as one after
-    another in this process at the workers' thread count."""
-    rd = RunDir(tmp_path / "workers")
-    run_pipeline(_cfg(smoke_cfg, "evaluate.seeds=[0,1]", "evaluate.cpu_workers=2"), rd)
-    workers = _runs(rd, "8perclass")
-    assert sorted(workers) == ["real-seed0", "real-seed1", "real@all-seed0", "real@all-seed1"]
-    threads = max(1, cpu_cores() // 2)
-    assert {r["torch_threads"] for r in workers.values()} == {threads}
+    another in this process with one thread."""
+    rd = RunDir(tmp_path / "processes")
+    run_pipeline(_cfg(smoke_cfg, "evaluate.seeds=[0,1]", "evaluate.cpu_processes=2"), rd)
+    forked = _runs(rd, "8perclass")
+    assert sorted(forked) == ["real-seed0", "real-seed1", "real@all-seed0", "real@all-seed1"]
+    assert {r["torch_threads"] for r in forked.values()} == {1}
     assert not multiprocessing.active_children()
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         one = RunDir(tmp_path / "one")
         run_pipeline(_cfg(smoke_cfg, "evaluate.seeds=[0,1]"), one)
     finally:
         torch.set_num_threads(before)
     for name, record in _runs(one, "8perclass").items():
-        assert workers[name]["test"] == record["test"] and workers[name]["best_step"] == record["best_step"]
+        assert forked[name]["test"] == record["test"] and forked[name]["best_step"] == record["best_step"]
     assert json.loads((rd.root / "evaluate" / "8perclass" / "summary.json").read_text())["arms"] == \
         json.loads((one.root / "evaluate" / "8perclass" / "summary.json").read_text())["arms"]
 
 
-def test_a_failed_training_ends_the_workers_and_the_rerun_trains_only_what_is_missing(smoke_cfg, tmp_path,
+def test_a_failed_training_keeps_the_finished_runs_and_the_rerun_trains_only_what_is_missing(smoke_cfg, tmp_path,
                                                                                       monkeypatch) -> None:
     rd = RunDir(tmp_path / "run")
-    cfg = _cfg(smoke_cfg, "evaluate.cpu_workers=2")
+    cfg = _cfg(smoke_cfg, "evaluate.cpu_processes=2")
     runs = rd.root / "evaluate" / "8perclass" / "runs"
     train = evaluate_stage._run_one
 
@@ -164,7 +163,7 @@ def test_a_failed_training_ends_the_workers_and_the_rerun_trains_only_what_is_mi
     trained: list[str] = []
 
     def counted(ctx, arm, seed, *args, **kw):
-        trained.append(arm.name)  # in this process: one training left, so no worker is forked
+        trained.append(arm.name)  # in this process: one training left, so nothing is forked
         return train(ctx, arm, seed, *args, **kw)
 
     monkeypatch.setattr(evaluate_stage, "_run_one", counted)

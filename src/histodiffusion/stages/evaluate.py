@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,34 +194,39 @@ def _run_one(ctx: StageContext, arm: Arm, seed: int, valid: tuple, test: tuple, 
             "torch_threads": torch.get_num_threads()}
 
 
-def cpu_workers(cfg: ExperimentConfig, num_processes: int, trainings: int) -> int:
-    """How many of this process's ``trainings`` run at once (``evaluate.cpu_workers``, default one
-    per core): 1 on GPUs and under a multi-process launch, which shares the runs out instead."""
-    if num_processes > 1 or not uses_cpu(cfg.device):
+def cpu_processes(cfg: ExperimentConfig, num_processes: int, trainings: int) -> int:
+    """How many of this process's ``trainings`` run at once (``evaluate.cpu_processes``, default one
+    per core; Linux): 1 on GPUs and under a multi-process launch, which shares the runs out instead."""
+    if num_processes > 1 or not uses_cpu(cfg.device) or sys.platform != "linux":
         return 1
-    return max(1, min(cfg.evaluate.cpu_workers or cpu_cores(), trainings))
+    return max(1, min(cfg.evaluate.cpu_processes or cpu_cores(), trainings))
 
 
-def _train_all(ctx: StageContext, todo: list[tuple[Arm, int]], workers: int, valid: tuple, test: tuple,
+def _train_all(ctx: StageContext, todo: list[tuple[Arm, int]], processes: int, valid: tuple, test: tuple,
                classes: list[str], backbone: dict | None, device, finish: Callable[[Arm, int, dict], None]) -> None:
-    """Train and test each (arm, seed) of ``todo``, one after another or ``workers`` at a time in
+    """Train and test each (arm, seed) of ``todo``, one after another or ``processes`` at a time in
     forked CPU processes, and hand each record to ``finish`` as it comes (so an interrupted stage
     keeps every finished run)."""
     def one(i: int) -> dict:
         arm, seed = todo[i]
-        return _run_one(ctx, arm, seed, valid, test, classes, backbone, device, progress=workers == 1)
+        return _run_one(ctx, arm, seed, valid, test, classes, backbone, device, progress=processes == 1)
 
-    if workers == 1:
+    if processes == 1:
         for i, (arm, seed) in enumerate(todo):
             finish(arm, seed, one(i))
         return
-    console.print(f"{ctx.budget_name}: {len(todo)} trainings, {workers} at a time, each in its own process with "
-                  f"{max(1, cpu_cores() // workers)} torch thread(s) (evaluate.cpu_workers)")
-    with progress_bar(f"evaluate {ctx.budget_name}", len(todo), unit="trainings") as advance, \
-            contextlib.closing(fork_map(one, len(todo), workers)) as results:
-        for i, record in results:
-            finish(*todo[i], record)
-            advance()
+    console.print(f"{ctx.budget_name}: {len(todo)} trainings, {processes} at a time, each in its own process with "
+                  "one torch thread (evaluate.cpu_processes)")
+    try:
+        with contextlib.closing(fork_map(one, len(todo), processes)) as results, \
+                progress_bar(f"evaluate {ctx.budget_name}", len(todo), unit="trainings") as advance:
+            for i, record in results:
+                finish(*todo[i], record)
+                advance()
+    except BrokenProcessPool as e:
+        raise UserError(f"evaluate {ctx.budget_name}: a training process died (killed for memory?); the finished "
+                        f"runs are kept in {ctx.folder / 'runs'}. Rerun to continue, with fewer at a time "
+                        f"(--set evaluate.cpu_processes={max(1, processes // 2)}) if memory is short.") from e
 
 
 def run_keys(ctx: StageContext, arms: list[Arm], valid: tuple, test: tuple,
@@ -288,7 +295,7 @@ def run(ctx: StageContext) -> dict:
                       f"{record['seconds']}s)")
 
     mine = todo[state.process_index::state.num_processes]
-    _train_all(ctx, mine, cpu_workers(cfg, state.num_processes, len(mine)), valid, test, classes, backbone,
+    _train_all(ctx, mine, cpu_processes(cfg, state.num_processes, len(mine)), valid, test, classes, backbone,
                device, finish)
     state.wait_for_everyone()
     if not state.is_main_process:
