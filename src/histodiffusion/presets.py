@@ -40,7 +40,8 @@ PRESETS: dict[str, dict] = {
         "features": {"backbone": "resnet10t", "steps": 3, "batch_size": 16},
         "generation": {"max_real": 64, "kid_subset_size": 16},
     },
-    # A 2-core CPU: one task at one budget end to end in 49 to 80 minutes, by machine (bench/results/README.md).
+    # A 2-core CPU: one task at one budget end to end in 49 to 80 minutes with these steps, by machine; pcam-fewlabel
+    # halves the autoencoder's and the LDM's and takes 60 minutes on an AVX-512 host (bench/results/README.md).
     # Objective, normalisation and bf16 chosen by the trials in bench/results/pretrain_trials.
     "cpu": {
         "data": {"resolution": 64},
